@@ -1,0 +1,1 @@
+"""Pipeline stages: each `stages/<name>.py` is run by DVC as `python -m stages.<name>`."""
