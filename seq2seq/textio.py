@@ -21,6 +21,9 @@ def atomic_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         binary = "b" in mode
         with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "\n") as f:
@@ -63,9 +66,7 @@ def read_aligned(src: Path, tgt: Path) -> Iterator[tuple[str, str]]:
             return
         if s is None or t is None:
             short, long_ = (src, tgt) if s is None else (tgt, src)
-            raise TextFormatError(
-                f"misaligned corpus: {short} ends after {n} lines but {long_} has a line {n + 1}"
-            )
+            raise TextFormatError(f"misaligned corpus: {short} ends after {n} lines but {long_} has a line {n + 1}")
         n += 1
         yield s, t
 

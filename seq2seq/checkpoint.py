@@ -1,0 +1,80 @@
+"""Checkpoints: one dict, written atomically, loaded with weights_only=True.
+
+Layout: {"format": 1, "family": str, "config": dict, "model": state_dict, "step": int, ...extra}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seq2seq.textio import atomic_write
+from seq2seq.transformer import Transformer, TransformerConfig
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or incompatible; the message names the file."""
+
+
+def save_checkpoint(path: Path, model: nn.Module, family: str, step: int, **extra: Any) -> None:
+    """Write the checkpoint to a temp file, fsync, and rename it over `path`."""
+    state = {
+        "format": FORMAT,
+        "family": family,
+        "config": dataclasses.asdict(model.cfg),
+        "model": model.state_dict(),
+        "step": step,
+        **extra,
+    }
+    with atomic_write(Path(path), "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of format {FORMAT}")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    if state["family"] != "transformer":
+        raise CheckpointError(f"unknown model family {state['family']!r} in checkpoint")
+    model = Transformer(TransformerConfig(**state["config"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not fit the model it describes: {err}") from None
+    return model
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    state = load_checkpoint(path, map_location=device)
+    model = model_from_checkpoint(state).to(device)
+    model.eval()
+    return model, state
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

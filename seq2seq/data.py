@@ -1,0 +1,136 @@
+"""Token-id arrays on disk (a flat memmap + offsets, like nanoGPT's train.bin) and token-bucket batches.
+
+`<prefix>.bin` holds every sentence's ids back to back; `<prefix>.idx` holds n+1 int64 offsets,
+so sentence i is bin[idx[i]:idx[i+1]]. No BOS/EOS is stored: `collate` adds them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+def _with(prefix: Path, ext: str) -> Path:
+    # not Path.with_suffix: prefixes such as "train.en" already have a dot
+    return prefix.with_name(prefix.name + ext)
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+class TokenArrayWriter:
+    """Append sentences to `<prefix>.bin`/`.idx`; both appear (renamed from temp files) only on close()."""
+
+    def __init__(self, prefix: Path, dtype: np.dtype):
+        self.prefix = Path(prefix)
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype
+        self._bin_tmp = self.prefix.with_name(f".{self.prefix.name}.bin.tmp")
+        self._bin = self._bin_tmp.open("wb")
+        self._offsets = [0]
+
+    def write(self, sentences: Iterable[Sequence[int]]) -> None:
+        for ids in sentences:
+            arr = np.asarray(ids, dtype=self.dtype)
+            self._bin.write(arr.tobytes())
+            self._offsets.append(self._offsets[-1] + len(arr))
+
+    def close(self) -> None:
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        idx_tmp = self.prefix.with_name(f".{self.prefix.name}.idx.tmp")
+        np.asarray(self._offsets, dtype=np.int64).tofile(idx_tmp)
+        os.replace(self._bin_tmp, _with(self.prefix, ".bin"))
+        os.replace(idx_tmp, _with(self.prefix, ".idx"))
+
+    def abort(self) -> None:
+        self._bin.close()
+        self._bin_tmp.unlink(missing_ok=True)
+
+
+class TokenArray:
+    """Read-only view of a `<prefix>.bin`/`.idx` pair."""
+
+    def __init__(self, prefix: Path, dtype: np.dtype):
+        prefix = Path(prefix)
+        idx_path, bin_path = _with(prefix, ".idx"), _with(prefix, ".bin")
+        self.offsets = np.fromfile(idx_path, dtype=np.int64)
+        n_tokens = int(self.offsets[-1])
+        if bin_path.stat().st_size != n_tokens * dtype.itemsize:
+            raise ValueError(f"{bin_path}: size does not match {idx_path} (re-run tokenize)")
+        # np.memmap refuses empty files
+        self.tokens = np.memmap(bin_path, dtype=dtype, mode="r") if n_tokens else np.zeros(0, dtype=dtype)
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+def token_batches(
+    src_lengths: np.ndarray,
+    tgt_lengths: np.ndarray,
+    max_tokens: int,
+    rng: np.random.Generator | None = None,
+) -> list[np.ndarray]:
+    """Group sentence indices into batches of similar length whose padded size fits `max_tokens`.
+
+    The padded size of a batch is n * (max source len + max target len), counting the EOS/BOS
+    that `collate` adds. Sorting by length (randomly within equal lengths when `rng` is given)
+    keeps padding low; the batch order is shuffled with `rng`, or kept sorted without it.
+    """
+    src_lengths = np.asarray(src_lengths) + 1
+    tgt_lengths = np.asarray(tgt_lengths) + 1
+    tie = rng.random(len(src_lengths)) if rng is not None else np.arange(len(src_lengths))
+    order = np.lexsort((tie, src_lengths, tgt_lengths))
+    batches: list[np.ndarray] = []
+    start, max_s, max_t = 0, 0, 0
+    for pos, i in enumerate(order):
+        s, t = int(src_lengths[i]), int(tgt_lengths[i])
+        new_s, new_t = max(max_s, s), max(max_t, t)
+        if pos > start and (pos - start + 1) * (new_s + new_t) > max_tokens:
+            batches.append(order[start:pos])
+            start, new_s, new_t = pos, s, t
+        max_s, max_t = new_s, new_t
+    if start < len(order):
+        batches.append(order[start:])
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def pad_batch(seqs: Sequence[np.ndarray], prefix: int | None = None, suffix: int | None = None) -> torch.Tensor:
+    """Stack id sequences into a [batch, max_len] int64 tensor padded with PAD_ID."""
+    extra = (prefix is not None) + (suffix is not None)
+    width = max(len(s) for s in seqs) + extra
+    out = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
+    for row, s in enumerate(seqs):
+        col = 0
+        if prefix is not None:
+            out[row, 0] = prefix
+            col = 1
+        out[row, col : col + len(s)] = s
+        if suffix is not None:
+            out[row, col + len(s)] = suffix
+    return torch.from_numpy(out)
+
+
+def collate(src: TokenArray, tgt: TokenArray, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(source + EOS, BOS + target, target + EOS) padded tensors for teacher forcing."""
+    src_seqs = [src[i] for i in indices]
+    tgt_seqs = [tgt[i] for i in indices]
+    return (
+        pad_batch(src_seqs, suffix=EOS_ID),
+        pad_batch(tgt_seqs, prefix=BOS_ID),
+        pad_batch(tgt_seqs, suffix=EOS_ID),
+    )

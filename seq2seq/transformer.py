@@ -1,0 +1,223 @@
+"""The Transformer encoder-decoder (Vaswani et al. 2017, "Attention Is All You Need").
+
+Names follow the paper. Layers are pre-norm (LayerNorm before each sublayer, as in
+Wang et al. 2019 / tensor2tensor's later default), which trains stably without long warm-up.
+Attention uses torch's fused scaled_dot_product_attention.
+
+Interface shared with every decoder-side caller (greedy/beam search, evaluation, serving):
+  encode(src) -> Memory
+  decode_step(prev_tokens, memory, cache) -> (log_probs, cache)   # one target position
+  forward(src, tgt_in) -> logits                                  # teacher forcing
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seq2seq.tokenizer import PAD_ID
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    n_encoder_layers: int
+    n_decoder_layers: int
+    d_ff: int
+    dropout: float
+    max_positions: int
+    share_embeddings: bool
+
+
+@dataclass
+class Memory:
+    """Encoder output and the source padding mask (True = real token), shape [B, 1, 1, S]."""
+
+    states: torch.Tensor
+    src_mask: torch.Tensor
+
+    def index_select(self, index: torch.Tensor) -> Memory:
+        return Memory(self.states.index_select(0, index), self.src_mask.index_select(0, index))
+
+
+class MultiHeadAttention(nn.Module):
+    """Section 3.2.2: h parallel scaled dot-product attentions over learned projections."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # [B, H, T, Dh]
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False
+    ) -> torch.Tensor:
+        """q, k, v already projected and split into heads."""
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )
+        b, h, t, d = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+    def forward(
+        self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False
+    ) -> torch.Tensor:
+        q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(kv)), self.split_heads(self.v_proj(kv))
+        return self.attend(q, k, v, mask, is_causal)
+
+
+class FeedForward(nn.Module):
+    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.w1, self.w2, self.dropout = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.dropout(F.relu(self.w1(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.dropout(self.self_attn(h, h, src_mask))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, y: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """Teacher forcing over the whole target: causal self-attention."""
+        h = self.norm1(y)
+        y = y + self.dropout(self.self_attn(h, h, None, is_causal=True))
+        y = y + self.dropout(self.cross_attn(self.norm2(y), memory.states, memory.src_mask))
+        return y + self.dropout(self.ffn(self.norm3(y)))
+
+    def step(self, y: torch.Tensor, memory: Memory, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One new target position [B, 1, D]; `cache` holds this layer's keys/values so far."""
+        h = self.norm1(y)
+        attn = self.self_attn
+        k, v = attn.split_heads(attn.k_proj(h)), attn.split_heads(attn.v_proj(h))
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+        y = y + attn.attend(attn.split_heads(attn.q_proj(h)), k, v, None)
+        cross = self.cross_attn
+        if "mem_k" not in cache:  # the encoder side is fixed during decoding: project it once
+            cache["mem_k"] = cross.split_heads(cross.k_proj(memory.states))
+            cache["mem_v"] = cross.split_heads(cross.v_proj(memory.states))
+        q = cross.split_heads(cross.q_proj(self.norm2(y)))
+        y = y + cross.attend(q, cache["mem_k"], cache["mem_v"], memory.src_mask)
+        return y + self.ffn(self.norm3(y))
+
+
+def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
+    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
+    pos = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(n, d)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div[: d // 2])
+    return pe
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.src_embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        # Section 3.4: with a joint vocabulary, source, target and output embeddings are one matrix.
+        self.tgt_embed = (
+            self.src_embed if cfg.share_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        )
+        self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        self.encoder_norm, self.decoder_norm = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.generator = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+        if cfg.share_embeddings:
+            self.generator.weight = self.tgt_embed.weight
+
+    def reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for emb in (self.src_embed, self.tgt_embed):
+            nn.init.normal_(emb.weight, mean=0.0, std=self.cfg.d_model**-0.5)
+            with torch.no_grad():
+                emb.weight[PAD_ID].zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, table: nn.Embedding, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Section 3.4: embeddings scaled by sqrt(d_model), plus positional encodings."""
+        n = tokens.size(1)
+        if offset + n > self.cfg.max_positions:
+            raise ValueError(f"sequence of {offset + n} tokens exceeds model.max_positions={self.cfg.max_positions}")
+        x = table(tokens) * math.sqrt(self.cfg.d_model) + self.positions[offset : offset + n]
+        return self.dropout(x)
+
+    def encode(self, src: torch.Tensor) -> Memory:
+        src_mask = (src != PAD_ID)[:, None, None, :]
+        x = self.embed(self.src_embed, src)
+        for layer in self.encoder_layers:
+            x = layer(x, src_mask)
+        return Memory(self.encoder_norm(x), src_mask)
+
+    def decode(self, tgt_in: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """Logits for every target position (teacher forcing)."""
+        y = self.embed(self.tgt_embed, tgt_in)
+        for layer in self.decoder_layers:
+            y = layer(y, memory)
+        return self.generator(self.decoder_norm(y))
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        return self.decode(tgt_in, self.encode(src))
+
+    def init_cache(self) -> list[dict[str, torch.Tensor]]:
+        return [{} for _ in self.decoder_layers]
+
+    def decode_step(
+        self, prev: torch.Tensor, memory: Memory, cache: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Log-probabilities [B, V] of the next token given the last one `prev` [B]."""
+        step = cache[0]["k"].size(2) if "k" in cache[0] else 0
+        y = self.embed(self.tgt_embed, prev[:, None], offset=step)
+        for layer, layer_cache in zip(self.decoder_layers, cache, strict=True):
+            y = layer.step(y, memory, layer_cache)
+        return F.log_softmax(self.generator(self.decoder_norm(y[:, -1])).float(), dim=-1), cache
+
+    @staticmethod
+    def reorder_cache(cache: list[dict[str, torch.Tensor]], index: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Select batch rows of every cached tensor (for beam search / dropping finished rows)."""
+        return [{k: v.index_select(0, index) for k, v in layer.items()} for layer in cache]
