@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from seq2seq.models import FAMILIES, model_from_config
 from seq2seq.textio import atomic_write
-from seq2seq.transformer import Transformer, TransformerConfig
 
 FORMAT = 1
 
@@ -54,9 +54,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights."""
-    if state["family"] != "transformer":
+    if state["family"] not in FAMILIES:
         raise CheckpointError(f"unknown model family {state['family']!r} in checkpoint")
-    model = Transformer(TransformerConfig(**state["config"]))
+    try:
+        model = model_from_config(state["family"], state["config"])
+    except TypeError as err:
+        raise CheckpointError(f"checkpoint config does not fit this code's {state['family']} ({err})") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -78,3 +81,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the model weights in `paths` (as fairseq's scripts/average_checkpoints.py)."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in paths:
+        weights = load_checkpoint(path)["model"]
+        if total and weights.keys() != total.keys():
+            raise CheckpointError(f"{path}: its weight names differ from {paths[0]}'s; cannot average")
+        for name, tensor in weights.items():
+            dtypes[name] = tensor.dtype
+            if tensor.is_floating_point() and name in total:
+                total[name] += tensor.double()
+            else:  # the first file's float weights; integer buffers are not averaged: the last one is kept
+                total[name] = tensor.double() if tensor.is_floating_point() else tensor
+    return {n: (t / len(paths)).to(dtypes[n]) if t.is_floating_point() else t for n, t in total.items()}

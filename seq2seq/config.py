@@ -108,20 +108,34 @@ class TokenizeParams(Strict):
 
 
 class ModelParams(Strict):
-    family: Literal["transformer"]
-    d_model: int = Field(ge=8)
+    """One flat section for every family (seq2seq/models.py); each family reads the fields it needs."""
+
+    family: Literal["transformer", "rnn", "attention_rnn"]
+    d_model: int = Field(ge=8)  # embedding width, all families
+    dropout: float = Field(ge=0.0, lt=1.0)
+    max_positions: int = Field(ge=16)  # longest source or target sequence, all families
+    share_embeddings: bool
+    # transformer
     n_heads: int = Field(ge=1)
     n_encoder_layers: int = Field(ge=1)
     n_decoder_layers: int = Field(ge=1)
     d_ff: int = Field(ge=8)
-    dropout: float = Field(ge=0.0, lt=1.0)
-    max_positions: int = Field(ge=16)
-    share_embeddings: bool
+    pre_norm: bool
+    positions: Literal["sinusoidal", "learned"]
+    # rnn and attention_rnn
+    rnn_cell: Literal["lstm", "gru"]
+    rnn_hidden: int = Field(ge=8)
+    rnn_layers: int = Field(ge=1)
+    rnn_bidirectional: bool
+    rnn_reverse_source: bool
+    attention: Literal["bahdanau", "luong"]  # attention_rnn only
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> ModelParams:
-        if self.d_model % self.n_heads:
+    def _family_shapes(self) -> ModelParams:
+        if self.family == "transformer" and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.family != "transformer" and self.rnn_bidirectional and self.rnn_hidden % 2:
+            raise ValueError(f"rnn_hidden ({self.rnn_hidden}) must be even with rnn_bidirectional (half per direction)")
         return self
 
 
@@ -139,16 +153,56 @@ class TrainParams(Strict):
     log_every: int = Field(ge=1)
     device: Literal["auto", "cpu", "cuda"]
     threads: int = Field(ge=0)  # torch CPU threads; 0 = torch's default
+    lr_schedule: Literal["inverse_sqrt", "cosine"]
+    min_lr: float = Field(ge=0)  # cosine: the lr reached at max_steps
+    grad_accum: int = Field(ge=1)  # micro-batches per optimizer step
+    compile: bool  # torch.compile the model
+    eval_every: int = Field(ge=1)  # steps between validations (dev loss/ppl, greedy BLEU)
+    eval_bleu_sentences: int = Field(ge=0)  # dev sentences for the quick greedy BLEU; 0 = skip it
+    early_stop_metric: Literal["dev_loss", "dev_bleu"]  # also picks the best checkpoint
+    patience: int = Field(ge=0)  # validations without improvement before stopping; 0 = never stop early
+    save_every: int = Field(ge=1)  # steps between resumable checkpoints
+    keep_last: int = Field(ge=1)  # resumable checkpoints kept (plus best.pt)
+    final_model: Literal["last", "best", "average"]  # average = mean of the last keep_last checkpoints
+    checkpoint_dir: str = Field(min_length=1)  # resumable checkpoints go to <checkpoint_dir>/<run key>/
+
+    @model_validator(mode="after")
+    def _bleu_needs_sentences(self) -> TrainParams:
+        if self.early_stop_metric == "dev_bleu" and self.eval_bleu_sentences == 0:
+            raise ValueError("early_stop_metric dev_bleu needs eval_bleu_sentences > 0")
+        return self
 
 
-class EvaluateParams(Strict):
-    batch_size: int = Field(ge=1)
+class DecodingParams(Strict):
+    """How to translate: beam search and batching (evaluate, the exported model, the translate CLI)."""
+
+    batch_size: int = Field(ge=1)  # most sentences per batch
+    max_tokens: int = Field(ge=1)  # most source tokens per batch, padding included (before beam expansion)
+    beam_size: int = Field(ge=1)  # 1 = greedy
+    length_penalty: float  # GNMT alpha: hypotheses ranked by log P / ((5 + len) / 6) ** alpha
+    nbest: int = Field(ge=1)  # hypotheses kept per sentence (evaluate scores the first)
     max_len_a: float = Field(ge=0)  # max output length = a * src_len + b
     max_len_b: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _nbest_fits_beam(self) -> DecodingParams:
+        if self.nbest > self.beam_size:
+            raise ValueError(f"nbest ({self.nbest}) must be <= beam_size ({self.beam_size})")
+        return self
+
+
+class EvaluateParams(DecodingParams):
+    chrf_word_order: Literal[0, 2]  # 0 = chrF, 2 = chrF++
+    bootstrap_samples: int = Field(ge=0)  # resamples for BLEU's 95% confidence interval; 0 = none
+    length_buckets: list[int] = Field(min_length=1)  # source-word bounds of the BLEU-by-length buckets (+ one above)
+
+    def decoding(self) -> DecodingParams:
+        return DecodingParams.model_validate(self.model_dump(include=set(DecodingParams.model_fields)))
 
 
 class ExportParams(Strict):
     registered_model_name: str = Field(min_length=1)
+    promotion_margin: float = Field(ge=0)  # BLEU a challenger must add over the champion to be promoted
 
 
 class MlflowParams(Strict):

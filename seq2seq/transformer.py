@@ -1,8 +1,10 @@
 """The Transformer encoder-decoder (Vaswani et al. 2017, "Attention Is All You Need").
 
-Names follow the paper. Layers are pre-norm (LayerNorm before each sublayer, as in
-Wang et al. 2019 / tensor2tensor's later default), which trains stably without long warm-up.
-Attention uses torch's fused scaled_dot_product_attention.
+Names follow the paper. Layers are pre-norm by default (LayerNorm before each sublayer, as in
+Wang et al. 2019 / tensor2tensor's later default), which trains stably without long warm-up;
+`pre_norm=False` gives the paper's post-norm, LayerNorm(x + Sublayer(x)). Positions are the paper's
+sinusoids or learned embeddings (Gehring et al. 2017). Attention uses torch's fused
+scaled_dot_product_attention. Base and big are just parameters (params.yaml, presets/transformer-big.yaml).
 
 Interface shared with every decoder-side caller (greedy/beam search, evaluation, serving):
   encode(src) -> Memory
@@ -33,6 +35,8 @@ class TransformerConfig:
     dropout: float
     max_positions: int
     share_embeddings: bool
+    pre_norm: bool
+    positions: str  # "sinusoidal" | "learned"
 
 
 @dataclass
@@ -90,18 +94,29 @@ class FeedForward(nn.Module):
         return self.w2(self.dropout(F.relu(self.w1(x))))
 
 
+class Sublayer(nn.Module):
+    """Residual connection with LayerNorm around a sublayer: pre-norm x + f(LN(x)) or post-norm LN(x + f(x))."""
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), nn.Dropout(dropout), pre_norm
+
+    def forward(self, x: torch.Tensor, f) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(f(self.norm(x)))
+        return self.norm(x + self.dropout(f(x)))
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.sub1, self.sub2 = (Sublayer(cfg.d_model, cfg.dropout, cfg.pre_norm) for _ in range(2))
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.dropout(self.self_attn(h, h, src_mask))
-        return x + self.dropout(self.ffn(self.norm2(x)))
+        x = self.sub1(x, lambda h: self.self_attn(h, h, src_mask))
+        return self.sub2(x, self.ffn)
 
 
 class DecoderLayer(nn.Module):
@@ -110,32 +125,35 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.sub1, self.sub2, self.sub3 = (Sublayer(cfg.d_model, cfg.dropout, cfg.pre_norm) for _ in range(3))
 
     def forward(self, y: torch.Tensor, memory: Memory) -> torch.Tensor:
         """Teacher forcing over the whole target: causal self-attention."""
-        h = self.norm1(y)
-        y = y + self.dropout(self.self_attn(h, h, None, is_causal=True))
-        y = y + self.dropout(self.cross_attn(self.norm2(y), memory.states, memory.src_mask))
-        return y + self.dropout(self.ffn(self.norm3(y)))
+        y = self.sub1(y, lambda h: self.self_attn(h, h, None, is_causal=True))
+        y = self.sub2(y, lambda h: self.cross_attn(h, memory.states, memory.src_mask))
+        return self.sub3(y, self.ffn)
 
     def step(self, y: torch.Tensor, memory: Memory, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         """One new target position [B, 1, D]; `cache` holds this layer's keys/values so far."""
-        h = self.norm1(y)
-        attn = self.self_attn
-        k, v = attn.split_heads(attn.k_proj(h)), attn.split_heads(attn.v_proj(h))
-        if "k" in cache:
-            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        cache["k"], cache["v"] = k, v
-        y = y + attn.attend(attn.split_heads(attn.q_proj(h)), k, v, None)
-        cross = self.cross_attn
-        if "mem_k" not in cache:  # the encoder side is fixed during decoding: project it once
-            cache["mem_k"] = cross.split_heads(cross.k_proj(memory.states))
-            cache["mem_v"] = cross.split_heads(cross.v_proj(memory.states))
-        q = cross.split_heads(cross.q_proj(self.norm2(y)))
-        y = y + cross.attend(q, cache["mem_k"], cache["mem_v"], memory.src_mask)
-        return y + self.ffn(self.norm3(y))
+
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            attn = self.self_attn
+            k, v = attn.split_heads(attn.k_proj(h)), attn.split_heads(attn.v_proj(h))
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            return attn.attend(attn.split_heads(attn.q_proj(h)), k, v, None)
+
+        def cross_attention(h: torch.Tensor) -> torch.Tensor:
+            cross = self.cross_attn
+            if "mem_k" not in cache:  # the encoder side is fixed during decoding: project it once
+                cache["mem_k"] = cross.split_heads(cross.k_proj(memory.states))
+                cache["mem_v"] = cross.split_heads(cross.v_proj(memory.states))
+            return cross.attend(cross.split_heads(cross.q_proj(h)), cache["mem_k"], cache["mem_v"], memory.src_mask)
+
+        y = self.sub1(y, self_attention)
+        y = self.sub2(y, cross_attention)
+        return self.sub3(y, self.ffn)
 
 
 def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
@@ -157,10 +175,17 @@ class Transformer(nn.Module):
         self.tgt_embed = (
             self.src_embed if cfg.share_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD_ID)
         )
-        self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+        if cfg.positions == "learned":
+            self.positions = nn.Parameter(torch.zeros(cfg.max_positions, cfg.d_model))
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+        else:
+            raise ValueError(f"model.positions: unknown {cfg.positions!r}")
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
-        self.encoder_norm, self.decoder_norm = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        # pre-norm leaves the residual stream unnormalised, so each stack ends with a LayerNorm
+        norm = nn.LayerNorm if cfg.pre_norm else nn.Identity
+        self.encoder_norm, self.decoder_norm = norm(cfg.d_model), norm(cfg.d_model)
         self.generator = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
         self.reset_parameters()
@@ -175,6 +200,8 @@ class Transformer(nn.Module):
             nn.init.normal_(emb.weight, mean=0.0, std=self.cfg.d_model**-0.5)
             with torch.no_grad():
                 emb.weight[PAD_ID].zero_()
+        if isinstance(self.positions, nn.Parameter):
+            nn.init.normal_(self.positions, mean=0.0, std=self.cfg.d_model**-0.5)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,165 @@
+"""The attention RNN encoder-decoder: Bahdanau et al. 2014 (additive) or Luong et al. 2015 (general).
+
+The encoder is the RNN encoder of seq2seq/rnn.py (a bidirectional one, as in both papers); its final
+state initialises the decoder. At each target position the decoder attends over all encoder states
+(padding masked out) to build a context vector c_t:
+  bahdanau: score(s_{t-1}, h_j) = v^T tanh(W s_{t-1} + U h_j), with the previous decoder state as the
+            query, and [y_{t-1}; c_t] as the decoder RNN's input (Bahdanau et al., appendix A).
+  luong:    score(h_t, h_j) = h_t^T W_a h_j ("general"), with the current decoder state as the query;
+            input feeding passes the attentional vector h~_{t-1} with y_{t-1} (Luong et al., section 3.3).
+Both produce h~_t = tanh(W_c [c_t; h_t]) from which the next token is predicted (Luong et al., eq. 5);
+Bahdanau's maxout readout is replaced by this tanh layer.
+
+Teacher forcing is a loop over target positions because each step's input depends on the previous
+step's attention; encoder keys are projected once per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seq2seq.rnn import RNNEncoder, RNNMemory, from_rnn_state, make_embeddings, rnn_class, to_rnn_state, uniform_init
+
+
+@dataclass(frozen=True)
+class AttentionRNNConfig:
+    vocab_size: int
+    d_model: int  # embedding width
+    rnn_cell: str  # "lstm" | "gru"
+    rnn_hidden: int
+    rnn_layers: int
+    rnn_bidirectional: bool
+    rnn_reverse_source: bool
+    attention: str  # "bahdanau" | "luong"
+    dropout: float
+    max_positions: int
+    share_embeddings: bool
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau et al. 2014, eq. 6: e_tj = v^T tanh(W q_t + U h_j)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.W, self.U, self.v = (
+            nn.Linear(hidden, hidden, bias=False),
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, 1, bias=False),
+        )
+
+    def keys(self, states: torch.Tensor) -> torch.Tensor:
+        return self.U(states)
+
+    def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return self.v(torch.tanh(self.W(query)[:, None, :] + keys)).squeeze(2)
+
+
+class GeneralAttention(nn.Module):
+    """Luong et al. 2015, eq. 8 ("general"): score = h_t^T W_a h_j."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.W_a = nn.Linear(hidden, hidden, bias=False)
+
+    def keys(self, states: torch.Tensor) -> torch.Tensor:
+        return self.W_a(states)
+
+    def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(keys, query[:, :, None]).squeeze(2)
+
+
+class AttentionRNN(nn.Module):
+    def __init__(self, cfg: AttentionRNNConfig):
+        super().__init__()
+        if cfg.attention not in ("bahdanau", "luong"):
+            raise ValueError(f"model.attention: unknown {cfg.attention!r}")
+        self.cfg = cfg
+        self.input_feeding = cfg.attention == "luong"
+        hidden = cfg.rnn_hidden
+        self.src_embed, self.tgt_embed = make_embeddings(cfg)
+        self.encoder = RNNEncoder(cfg, self.src_embed)
+        self.attention = AdditiveAttention(hidden) if cfg.attention == "bahdanau" else GeneralAttention(hidden)
+        # input: the previous token's embedding plus c_t (Bahdanau) or h~_{t-1} (Luong's input feeding)
+        self.decoder = rnn_class(cfg.rnn_cell)(
+            cfg.d_model + hidden,
+            hidden,
+            num_layers=cfg.rnn_layers,
+            dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.W_c = nn.Linear(2 * hidden, hidden, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out_proj = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.generator = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        uniform_init(self)
+        if cfg.share_embeddings:
+            self.generator.weight = self.tgt_embed.weight
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(self, src: torch.Tensor) -> RNNMemory:
+        return self.encoder(src)
+
+    def context(self, query: torch.Tensor, keys: torch.Tensor, memory: RNNMemory) -> torch.Tensor:
+        """c_t = sum_j a_tj h_j with a_t = softmax over the real (non-padding) source positions."""
+        scores = self.attention.scores(query, keys).masked_fill(~memory.src_mask, float("-inf"))
+        return torch.bmm(F.softmax(scores, dim=1)[:, None, :], memory.states).squeeze(1)
+
+    def step(self, emb: torch.Tensor, memory: RNNMemory, keys: torch.Tensor, state, feed: torch.Tensor):
+        """One target position: (h~_t [B, H], new RNN state) from the previous token's embedding [B, E]."""
+        if self.input_feeding:
+            out, state = self.decoder(torch.cat([emb, feed], dim=1)[:, None], state)
+            h_t = out[:, 0]
+            c_t = self.context(h_t, keys, memory)
+        else:
+            previous = state[0] if isinstance(state, tuple) else state
+            c_t = self.context(previous[-1], keys, memory)  # the top layer's s_{t-1} is the query
+            out, state = self.decoder(torch.cat([emb, c_t], dim=1)[:, None], state)
+            h_t = out[:, 0]
+        return torch.tanh(self.W_c(torch.cat([c_t, h_t], dim=1))), state
+
+    def logits(self, attentional: torch.Tensor) -> torch.Tensor:
+        return self.generator(self.out_proj(self.dropout(attentional)))
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        if tgt_in.size(1) > self.cfg.max_positions:
+            raise ValueError(f"target of {tgt_in.size(1)} tokens exceeds model.max_positions")
+        memory = self.encode(src)
+        keys = self.attention.keys(memory.states)
+        state = to_rnn_state(memory.h, memory.c)
+        feed = memory.states.new_zeros(src.size(0), self.cfg.rnn_hidden)
+        embedded = self.dropout(self.tgt_embed(tgt_in))
+        outputs = []
+        for t in range(tgt_in.size(1)):
+            feed, state = self.step(embedded[:, t], memory, keys, state, feed)
+            outputs.append(feed)
+        return self.logits(torch.stack(outputs, dim=1))
+
+    def init_cache(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def decode_step(
+        self, prev: torch.Tensor, memory: RNNMemory, cache: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Log-probabilities [B, V] of the next token given the last one `prev` [B]."""
+        if not cache:  # first step: the encoder's final state, keys projected once, h~_0 = 0
+            cache = {"h": memory.h, "keys": self.attention.keys(memory.states)}
+            if memory.c is not None:
+                cache["c"] = memory.c
+            cache["feed"] = memory.states.new_zeros(prev.size(0), self.cfg.rnn_hidden)
+        state = to_rnn_state(cache["h"], cache.get("c"))
+        feed, state = self.step(self.dropout(self.tgt_embed(prev)), memory, cache["keys"], state, cache["feed"])
+        cache["h"], c = from_rnn_state(state)
+        if c is not None:
+            cache["c"] = c
+        cache["feed"] = feed
+        return F.log_softmax(self.logits(feed).float(), dim=-1), cache
+
+    @staticmethod
+    def reorder_cache(cache: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.index_select(0, index) for k, v in cache.items()}

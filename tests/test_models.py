@@ -1,0 +1,156 @@
+"""Every model family: shapes, masking (padding, future positions), incremental decoding, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seq2seq.checkpoint import CheckpointError, load_model, save_checkpoint
+from seq2seq.config import load_params
+from seq2seq.models import FAMILIES, build_model, model_config
+from seq2seq.tokenizer import PAD_ID
+
+VOCAB = 50
+TINY = {"d_model": 16, "n_heads": 2, "n_encoder_layers": 2, "n_decoder_layers": 2, "d_ff": 32, "max_positions": 32}
+TINY_RNN = {"rnn_hidden": 16, "rnn_layers": 2}
+VARIANTS = {
+    "transformer-prenorm-sinusoidal": {"family": "transformer", "pre_norm": True, "positions": "sinusoidal"},
+    "transformer-postnorm-learned": {
+        "family": "transformer",
+        "pre_norm": False,
+        "positions": "learned",
+        "share_embeddings": False,
+    },
+    "rnn-lstm-bidirectional-reversed": {
+        "family": "rnn",
+        "rnn_cell": "lstm",
+        "rnn_bidirectional": True,
+        "rnn_reverse_source": True,
+    },
+    "rnn-gru": {"family": "rnn", "rnn_cell": "gru", "rnn_bidirectional": False, "share_embeddings": False},
+    "attention-bahdanau-gru": {"family": "attention_rnn", "attention": "bahdanau", "rnn_cell": "gru"},
+    "attention-luong-lstm-reversed": {
+        "family": "attention_rnn",
+        "attention": "luong",
+        "rnn_cell": "lstm",
+        "rnn_reverse_source": True,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def base_params():
+    return load_params(Path(__file__).resolve().parents[1] / "params.yaml").model
+
+
+@pytest.fixture(params=list(VARIANTS), scope="module")
+def model(request, base_params):
+    torch.manual_seed(0)
+    params = base_params.model_copy(update={**TINY, **TINY_RNN, **VARIANTS[request.param]})
+    return build_model(params, VOCAB).eval()
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources of lengths 7, 4 and 1 (padded), targets of length 6."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, VOCAB, (3, 7), generator=g)
+    src[1, 4:] = PAD_ID
+    src[2, 1:] = PAD_ID
+    return src, torch.randint(4, VOCAB, (3, 6), generator=g)
+
+
+def incremental_log_probs(model, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    memory, cache = model.encode(src), model.init_cache()
+    steps = []
+    for t in range(tgt_in.size(1)):
+        log_probs, cache = model.decode_step(tgt_in[:, t], memory, cache)
+        steps.append(log_probs)
+    return torch.stack(steps, dim=1)
+
+
+def test_shapes_and_parameter_count(model) -> None:
+    src, tgt_in = batch()
+    assert model(src, tgt_in).shape == (3, 6, VOCAB)
+    log_probs, _ = model.decode_step(tgt_in[:, 0], model.encode(src), model.init_cache())
+    assert log_probs.shape == (3, VOCAB) and log_probs.dtype == torch.float32
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters()) > 0
+    assert model.cfg.max_positions == 32
+
+
+@torch.no_grad()
+def test_padding_is_ignored(model) -> None:
+    src, tgt_in = batch()
+    logits = model(src, tgt_in)
+    # more padding columns change nothing
+    wider = torch.cat([src, torch.full((3, 5), PAD_ID)], dim=1)
+    torch.testing.assert_close(model(wider, tgt_in), logits, atol=1e-5, rtol=1e-5)
+    # a short sentence alone, without padding, gives what it gives inside the padded batch
+    torch.testing.assert_close(model(src[1:2, :4], tgt_in[1:2]), logits[1:2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(src[2:3, :1], tgt_in[2:3]), logits[2:3], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_decoder_does_not_see_future_positions(model) -> None:
+    src, tgt_in = batch()
+    logits = model(src, tgt_in)
+    changed = tgt_in.clone()
+    changed[:, 3:] = torch.randint(4, VOCAB, (3, 3), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(model(src, changed)[:, :3], logits[:, :3], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(src, changed)[:, 3:], logits[:, 3:])
+
+
+@torch.no_grad()
+def test_incremental_decoding_equals_teacher_forcing(model) -> None:
+    src, tgt_in = batch(1)
+    expected = F.log_softmax(model(src, tgt_in).float(), dim=-1)
+    torch.testing.assert_close(incremental_log_probs(model, src, tgt_in), expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_reordering_the_cache_follows_the_rows(model) -> None:
+    src, tgt_in = batch(2)
+    memory, cache = model.encode(src), model.init_cache()
+    for t in range(2):
+        _, cache = model.decode_step(tgt_in[:, t], memory, cache)
+    index = torch.tensor([2, 0])
+    reordered, _ = model.decode_step(tgt_in[index, 2], memory.index_select(index), model.reorder_cache(cache, index))
+    full, _ = model.decode_step(tgt_in[:, 2], memory, cache)
+    torch.testing.assert_close(reordered, full[index], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_checkpoint_round_trip(model, tmp_path: Path) -> None:
+    family = next(name for name, (_, cls) in FAMILIES.items() if isinstance(model, cls))
+    save_checkpoint(tmp_path / "model.pt", model, family, step=3)
+    loaded, state = load_model(tmp_path / "model.pt")
+    assert state["step"] == 3 and loaded.cfg == model.cfg
+    src, tgt_in = batch()
+    torch.testing.assert_close(loaded(src, tgt_in), model(src, tgt_in))
+
+
+def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(model, tmp_path: Path) -> None:
+    family = next(name for name, (_, cls) in FAMILIES.items() if isinstance(model, cls))
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, family, step=1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.pt"):
+        load_model(path)
+    torch.save({"format": 1, "family": family, "config": {"vocab_size": 3}, "model": {}, "step": 0}, path)
+    with pytest.raises(CheckpointError, match="config does not fit"):
+        load_model(path)
+
+
+def test_model_config_takes_every_field_from_params(base_params) -> None:
+    for family, (config_class, _) in FAMILIES.items():
+        cfg = model_config(base_params.model_copy(update={"family": family}), VOCAB)
+        assert isinstance(cfg, config_class) and cfg.vocab_size == VOCAB
+        assert all(
+            getattr(cfg, f.name) == getattr(base_params, f.name)
+            for f in dataclasses.fields(cfg)
+            if f.name != "vocab_size"
+        )

@@ -1,0 +1,234 @@
+"""The train stage: schedules and data order (fast), then for real in subprocesses on the toy corpus:
+exact resume after kill -9, DDP with 2 CPU processes (gloo), and an MLflow server that dies mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from seq2seq.config import load_params
+from stages.train import epoch_batches, learning_rate, rng_state, set_rng_state
+from tests.pipeline_fixtures import REPO, tiny_params, tool_env, write_toy_corpus
+
+# ---- fast unit tests ------------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedules() -> None:
+    p = load_params(REPO / "params.yaml").train.model_copy(
+        update={"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr": 0.1}
+    )
+    assert learning_rate(5, p) == pytest.approx(0.5)
+    assert learning_rate(10, p) == pytest.approx(1.0)
+    assert learning_rate(40, p) == pytest.approx(0.5)  # sqrt(10 / 40)
+    cosine = p.model_copy(update={"lr_schedule": "cosine"})
+    assert learning_rate(10, cosine) == pytest.approx(1.0)
+    assert learning_rate(60, cosine) == pytest.approx(0.55)
+    assert learning_rate(110, cosine) == pytest.approx(0.1)
+
+
+def test_epoch_batches_are_deterministic_and_sharded() -> None:
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(1, 30, 500), rng.integers(1, 30, 500)
+    whole = epoch_batches(src, tgt, 200, seed=1, epoch=3, rank=0, world=1)
+    again = epoch_batches(src, tgt, 200, seed=1, epoch=3, rank=0, world=1)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, again, strict=True))
+    other_epoch = epoch_batches(src, tgt, 200, seed=1, epoch=4, rank=0, world=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(whole, other_epoch, strict=False))
+    shards = [epoch_batches(src, tgt, 200, seed=1, epoch=3, rank=r, world=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(whole) // 2
+    seen = np.concatenate([b for shard in shards for b in shard])
+    assert len(seen) == len(set(seen.tolist()))  # no sentence on both ranks
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None:
+    import random
+
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.random(), torch.rand(3))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.random()) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+# ---- subprocess training on the toy corpus --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """data/ of the toy corpus after download, clean and tokenize; and the tiny params that made it."""
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_corpus(root / "mirror")
+    raw = tiny_params(root / "mirror")
+    ws = root / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = tool_env(root)
+    for stage in ("download", "clean", "tokenize"):
+        subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=ws, env=env, check=True, capture_output=True)
+    return ws / "data", raw
+
+
+def workspace(root: Path, tokenized: tuple[Path, dict[str, Any]], **train: Any) -> tuple[Path, dict[str, str]]:
+    """A directory with the toy data/, params.yaml with `train` overrides, and a private MLflow store."""
+    data, raw = tokenized
+    raw = json.loads(json.dumps(raw))
+    raw["train"].update(train)
+    raw["mlflow"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(data, root / "data")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = tool_env(root)
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return root, env
+
+
+def train_cmd() -> list[str]:
+    return [sys.executable, "-m", "stages.train"]
+
+
+def losses(ws: Path) -> list[str]:
+    (path,) = ws.glob("checkpoints/*/losses.tsv")
+    return path.read_text().splitlines()
+
+
+def final_hashes(output: str) -> dict[int, str]:
+    lines = [line.split() for line in output.splitlines() if "final parameters sha256" in line]
+    return {int(w[2]): w[-1] for w in lines}
+
+
+RESUMABLE = {
+    "max_steps": 400,
+    "save_every": 25,
+    "log_every": 25,
+    "eval_every": 1000,
+    "eval_bleu_sentences": 0,
+    "grad_accum": 2,
+    "keep_last": 2,
+}
+
+
+@pytest.mark.integration
+def test_kill_9_then_resume_gives_the_same_losses_step_for_step(tmp_path: Path, tokenized) -> None:
+    ws_a, env = workspace(tmp_path / "a", tokenized, **RESUMABLE)
+    uninterrupted = subprocess.run(train_cmd(), cwd=ws_a, env=env, capture_output=True, text=True, timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    ws_b, env = workspace(tmp_path / "b", tokenized, **RESUMABLE)
+    proc = subprocess.Popen(train_cmd(), cwd=ws_b, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(ws_b.glob("checkpoints/*/step-*.pt")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    killed_at = len(losses(ws_b)) - 1
+    resumed = subprocess.run(train_cmd(), cwd=ws_b, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+
+    assert killed_at < RESUMABLE["max_steps"]
+    assert losses(ws_b) == losses(ws_a)  # step, loss, lr and tokens of all 400 steps, exactly
+    assert len(losses(ws_a)) == RESUMABLE["max_steps"] + 1
+    assert final_hashes(resumed.stdout) == final_hashes(uninterrupted.stdout)
+    assert len(list(ws_b.glob("checkpoints/*/step-*.pt"))) == RESUMABLE["keep_last"]
+
+    # a corrupt checkpoint stops the stage with a clear error instead of a silent fresh start
+    (last,) = sorted(ws_b.glob("checkpoints/*/step-*.pt"))[-1:]
+    last.write_bytes(last.read_bytes()[:1000])
+    broken = subprocess.run(train_cmd(), cwd=ws_b, env=env, capture_output=True, text=True, timeout=300)
+    assert broken.returncode != 0
+    assert "corrupt or unreadable checkpoint" in broken.stderr and last.name in broken.stderr
+
+
+@pytest.mark.integration
+def test_ddp_two_cpu_processes(tmp_path: Path, tokenized) -> None:
+    ws, env = workspace(tmp_path / "ddp", tokenized, max_steps=30, save_every=10, log_every=10, eval_every=30)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stages.train"]
+    proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    hashes = final_hashes(proc.stdout)
+    assert set(hashes) == {0, 1} and hashes[0] == hashes[1]  # DDP kept the replicas identical
+    saves = [line for line in proc.stdout.splitlines() if "saved checkpoint" in line]
+    assert saves and all(line.startswith("train: rank 0 ") for line in saves)
+    assert len(saves) == 3
+    assert json.loads((ws / "metrics/train.json").read_text())["world_size"] == 2
+    assert (ws / "models/model.pt").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_training_survives_the_mlflow_server_going_away(tmp_path: Path, tokenized) -> None:
+    port = free_port()
+    ws, env = workspace(
+        tmp_path / "ws", tokenized, max_steps=800, save_every=400, log_every=10, eval_every=1000, eval_bleu_sentences=0
+    )
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{port}"
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
+    server_cmd = [
+        *(sys.executable, "-m", "mlflow", "server"),
+        *("--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    server = subprocess.Popen(
+        server_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    trainer = None
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+
+        trainer = subprocess.Popen(
+            train_cmd(), cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for line in trainer.stdout:  # wait until the run logs metrics, then pull the plug
+            if line.startswith("step 50 "):
+                break
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        _, err = trainer.communicate(timeout=300)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        if trainer is not None and trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+
+    assert trainer.returncode == 0, err
+    assert "WARNING: MLflow" in err
+    assert json.loads((ws / "metrics/train.json").read_text())["steps"] == 800
+    assert (ws / "models/model.pt").is_file()
+    assert json.loads((ws / "models/train_run.json").read_text())["run_id"]
+    assert list(ws.glob("checkpoints/*/step-00000800.pt"))
