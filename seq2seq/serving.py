@@ -23,8 +23,10 @@ class Translator(mlflow.pyfunc.PythonModel):
         self.tokenizer = Tokenizer(context.artifacts["tokenizer"])
         self.decoding = json.loads(Path(context.artifacts["decoding"]).read_text())
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
-        from seq2seq.decoding import translate_ids
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        """Translations of a list of strings (or a one-column DataFrame); `params` override decoding options."""
+        from seq2seq.config import DecodingParams
+        from seq2seq.translate import translate_texts
 
         if isinstance(model_input, pd.DataFrame):
             texts = model_input.iloc[:, 0].tolist()
@@ -34,8 +36,6 @@ class Translator(mlflow.pyfunc.PythonModel):
             texts = list(model_input)
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("input must be a list of strings")
-        d = {**self.decoding, **(params or {})}
-        ids = translate_ids(
-            self.model, self.tokenizer.encode(texts), d["batch_size"], d["max_len_a"], d["max_len_b"], self.device
-        )
-        return self.tokenizer.decode(ids)
+        # serving answers with the best translation only
+        opts = DecodingParams.model_validate({**self.decoding, **(params or {}), "nbest": 1})
+        return [n[0].text for n in translate_texts(self.model, self.tokenizer, texts, opts, self.device)]

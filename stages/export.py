@@ -1,17 +1,21 @@
 """export: package the trained model with its SentencePiece model as an MLflow pyfunc and register it.
 
-Reads models/model.pt, data/tokenized/spm.model, models/train_run.json and metrics/eval.json;
-logs the model to the training run, registers a new version of export.registered_model_name and
-writes models/export.json (name, version, model URI).
+Reads models/model.pt, data/tokenized/spm.model, models/train_run.json, metrics/eval.json and dvc.lock
+(when present); logs the model to the training run, registers a new version of
+export.registered_model_name, tags it (git commit, DVC hashes of data and params, BLEU per test set
+with its sacrebleu signature, decoding options), points the alias `challenger` at it and writes
+models/export.json (name, version, model URI). `python -m seq2seq.promote` decides about `champion`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+import yaml
 from mlflow.models import infer_signature
 
 import seq2seq
@@ -19,11 +23,41 @@ from seq2seq.checkpoint import CheckpointError, load_checkpoint
 from seq2seq.config import Params, ParamsError, load_params
 from seq2seq.serving import Translator
 from seq2seq.textio import write_json
-from seq2seq.tracking import mlflow, read_run_id, setup_mlflow
+from seq2seq.tracking import git_commit, mlflow, read_run_id, setup_mlflow
+
+# DVC outputs whose hashes identify what a model was trained and scored on
+LINEAGE_OUTS = ("data/raw", "data/clean", "data/tokenized", "models/model.pt")
 
 
 def registered_name(params: Params) -> str:
     return params.export.registered_model_name.format(src=params.data.src_lang, tgt=params.data.tgt_lang)
+
+
+def lineage_tags(params: Params, lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
+    """Git commit, the params' hash and the DVC hashes (from dvc.lock) of the data and model outputs."""
+    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True)
+    tags = {"git_commit": git_commit() or "unknown", "params_sha256": hashlib.sha256(canonical.encode()).hexdigest()}
+    if not lock_path.is_file():
+        tags["dvc_lock"] = "absent (not run by dvc repro)"
+        return tags
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    for stage in lock.get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") in LINEAGE_OUTS and "md5" in out:
+                tags[f"dvc.md5.{out['path']}"] = out["md5"]
+    return tags
+
+
+def score_tags(scores: dict[str, dict]) -> dict[str, str]:
+    """BLEU (with signature and confidence interval), chrF and TER per test set, as version tags."""
+    tags = {}
+    for test_set, s in scores.items():
+        tags[f"bleu.{test_set}"] = str(s["bleu"])
+        tags[f"bleu_signature.{test_set}"] = s["signature"]
+        for key in ("bleu_ci", "chrf", "ter"):
+            if key in s:
+                tags[f"{key}.{test_set}"] = str(s[key])
+    return tags
 
 
 def export(
@@ -33,15 +67,17 @@ def export(
     eval_path: Path = Path("metrics/eval.json"),
     run_file: Path = Path("models/train_run.json"),
     out_path: Path = Path("models/export.json"),
+    lock_path: Path = Path("dvc.lock"),
 ) -> dict:
-    """Log and register the pyfunc model; returns what is written to `out_path`."""
+    """Log and register the pyfunc model, tag the version and make it the challenger; returns export.json."""
     load_checkpoint(model_path)  # fail here, clearly, rather than inside MLflow on a bad file
     scores = json.loads(Path(eval_path).read_text())
     name = registered_name(params)
+    decoding = params.evaluate.decoding().model_dump()
     setup_mlflow(params.mlflow)
     with tempfile.TemporaryDirectory() as tmp:
-        decoding = Path(tmp) / "decoding.json"
-        decoding.write_text(json.dumps(params.evaluate.model_dump()))
+        decoding_path = Path(tmp) / "decoding.json"
+        decoding_path.write_text(json.dumps(decoding))
         example = ["A man is riding a bicycle down the street."]
         with mlflow.start_run(run_id=read_run_id(run_file)) as run:
             info = mlflow.pyfunc.log_model(
@@ -50,19 +86,25 @@ def export(
                 artifacts={
                     "checkpoint": str(model_path),
                     "tokenizer": str(tokenizer_path),
-                    "decoding": str(decoding),
+                    "decoding": str(decoding_path),
                 },
                 code_paths=[str(Path(seq2seq.__file__).parent)],
-                signature=infer_signature(example, ["Un homme fait du vélo dans la rue."]),
+                # string in, string out; decoding options may be overridden per request
+                signature=infer_signature(example, ["Un homme fait du vélo dans la rue."], params=decoding),
                 input_example=example,
                 registered_model_name=name,
-                pip_requirements=["torch", "sentencepiece", "numpy", "pandas", "mlflow"],
+                pip_requirements=["torch", "sentencepiece", "numpy", "pandas", "pydantic", "mlflow"],
             )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for test_set, s in scores.items():
-        client.set_model_version_tag(name, version, f"bleu.{test_set}", str(s["bleu"]))
-        client.set_model_version_tag(name, version, f"bleu_signature.{test_set}", s["bleu_signature"])
+    tags = {
+        **lineage_tags(params, lock_path),
+        **score_tags(scores),
+        **{f"decoding.{k}": str(v) for k, v in decoding.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, "challenger", version)
     result = {
         "registered_model_name": name,
         "version": version,
@@ -78,7 +120,7 @@ def main() -> None:
         result = export(load_params())
     except (ParamsError, FileNotFoundError, CheckpointError) as err:
         sys.exit(f"export: {err}")
-    print(f"export: registered {result['model_uri']}")
+    print(f"export: registered {result['model_uri']} (alias challenger; promote with python -m seq2seq.promote)")
 
 
 if __name__ == "__main__":

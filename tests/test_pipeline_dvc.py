@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from tests.pipeline_fixtures import make_workspace, run, tiny_params, write_toy_corpus
 
@@ -52,11 +53,20 @@ def test_dvc_repro_runs_all_stages_then_only_what_changed(tmp_path: Path) -> Non
     assert len((ws / "eval/toy_test.fr").read_text().splitlines()) == 40
     assert 0.0 <= scores["bleu"] <= 100.0 and 0.0 <= scores["chrf"] <= 100.0
     assert scores["bleu_signature"].startswith("nrefs:1|")
+    assert scores["signature"] == scores["bleu_signature"] and scores["ter"] >= 0.0
+    assert scores["bleu_ci_low"] <= scores["bleu_ci_high"] and scores["decode_seconds"] >= 0
+    # plots: BLEU by source length (a DVC plot) and a PNG that needs no browser
+    plots = json.loads(dvc(ws, env, "plots", "show", "--json"))["data"]
+    assert "plots/bleu_by_length/toy_test.csv" in plots and "plots/train_loss.csv" in plots
+    assert (ws / "plots/evaluate.png").read_bytes()[:4] == b"\x89PNG"
 
-    # export: a registered version, attached to the training run
+    # export: a registered version, attached to the training run, tagged and made the challenger
     export = json.loads((ws / "models/export.json").read_text())
     assert export["registered_model_name"] == "toy-en-fr"
     assert export["version"] == "1" and export["run_id"] == run_id
+    version = MlflowClient(f"sqlite:///{ws}/mlflow.db").get_model_version_by_alias("toy-en-fr", "challenger")
+    assert str(version.version) == "1" and version.tags["bleu.toy_test"] == str(scores["bleu"])
+    assert version.tags["dvc.md5.data/tokenized"].endswith(".dir")  # from dvc.lock, written before export ran
 
     # an unchanged workspace is a no-op
     model_mtime = (ws / "models/model.pt").stat().st_mtime_ns

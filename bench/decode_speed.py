@@ -1,0 +1,202 @@
+"""Beam-5 decoding speed on CPU: our beam search vs Hugging Face `generate` on a MarianMTModel of the same size.
+
+    pip install -e '.[bench]'
+    python bench/decode_speed.py                     # synthetic: demo-preset sizes, random weights, fixed length
+    python bench/decode_speed.py --checkpoint models/model.pt --spm data/tokenized/spm.model \
+        --source data/clean/test/multi30k_test_2016.en --sentences 500     # a trained model on real text
+
+Marian (built here from MarianConfig, random weights, nothing downloaded) has our model's vocabulary,
+width, heads, layers, FFN size and ReLU; it is post-norm where ours is pre-norm, so weights cannot
+make the two translate alike. Both get the same source ids in the same length-sorted batches, in one
+process, alternating runs (the best of --repeats counts), and do the same number of decoder steps:
+- synthetic: every hypothesis runs exactly --new-tokens steps (EOS banned, as min_new_tokens does);
+- checkpoint: ours searches for real (stopping when its beams finish, dropping finished sentences);
+  Marian runs, per batch, as many steps as ours needed for that batch, which is what `generate` would
+  do with the same model, since it keeps every row of a batch until the whole batch is done.
+The last line printed is JSON: {"metric": "beam5_sentences_per_s", "ours": ..., "peer": ..., "ratio": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from seq2seq.beam import beam_search
+from seq2seq.data import pad_batch
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.transformer import Transformer, TransformerConfig
+
+
+class Probe(torch.nn.Module):
+    """Our model, counting decoder steps; with ban_eos, EOS is never chosen (every hypothesis runs full length)."""
+
+    def __init__(self, model: torch.nn.Module, ban_eos: bool):
+        super().__init__()
+        self.model, self.cfg, self.ban_eos, self.steps = model, model.cfg, ban_eos, 0
+
+    def encode(self, src):
+        return self.model.encode(src)
+
+    def init_cache(self, *memory):
+        return self.model.init_cache(*memory)
+
+    def decode_step(self, prev, memory, cache):
+        self.steps += 1
+        log_probs, cache = self.model.decode_step(prev, memory, cache)
+        if self.ban_eos:
+            log_probs = log_probs.index_fill(1, torch.tensor([EOS_ID]), float("-inf"))
+        return log_probs, cache
+
+    def reorder_cache(self, cache, index):
+        return self.model.reorder_cache(cache, index)
+
+
+def marian_like(cfg: TransformerConfig):
+    from transformers import MarianConfig, MarianMTModel
+
+    config = MarianConfig(
+        vocab_size=cfg.vocab_size,
+        decoder_vocab_size=cfg.vocab_size,
+        d_model=cfg.d_model,
+        encoder_layers=cfg.n_encoder_layers,
+        decoder_layers=cfg.n_decoder_layers,
+        encoder_attention_heads=cfg.n_heads,
+        decoder_attention_heads=cfg.n_heads,
+        encoder_ffn_dim=cfg.d_ff,
+        decoder_ffn_dim=cfg.d_ff,
+        activation_function="relu",
+        max_position_embeddings=cfg.max_positions,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+        decoder_start_token_id=BOS_ID,
+        forced_eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    return MarianMTModel(config).eval()
+
+
+def make_sources(n: int, vocab: int, seed: int) -> list[list[int]]:
+    """Random source ids with Multi30k-like lengths (8 to 30 subwords)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, 31, (n,), generator=g)
+    return [torch.randint(4, vocab, (int(n_tok),), generator=g).tolist() for n_tok in lengths]
+
+
+def batches(sources: list[list[int]], size: int) -> list[list[list[int]]]:
+    ordered = sorted(sources, key=len)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+@torch.inference_mode()
+def run_ours(model: Probe, data: list[list[list[int]]], beam: int, max_len: list[int]) -> tuple[float, list[int]]:
+    """Seconds for all batches, and the decoder steps each batch took."""
+    steps, start = [], time.perf_counter()
+    for batch, limit in zip(data, max_len, strict=True):
+        model.steps = 0
+        src = pad_batch(batch, suffix=EOS_ID)
+        beam_search(model, src, torch.full((len(batch),), limit), beam, alpha=1.0, nbest=1)
+        steps.append(model.steps)
+    return time.perf_counter() - start, steps
+
+
+@torch.inference_mode()
+def run_peer(model, data: list[list[list[int]]], beam: int, steps: list[int]) -> float:
+    start = time.perf_counter()
+    for batch, n in zip(data, steps, strict=True):
+        src = pad_batch(batch, suffix=EOS_ID)
+        model.generate(
+            input_ids=src,
+            attention_mask=(src != PAD_ID).long(),
+            num_beams=beam,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            length_penalty=1.0,
+            do_sample=False,
+        )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="a trained model.pt (else a random demo-size model)")
+    parser.add_argument("--spm", type=Path, help="its SentencePiece model (with --checkpoint)")
+    parser.add_argument("--source", type=Path, help="source sentences, one per line (with --checkpoint)")
+    parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=24, help="synthetic: target tokens per hypothesis")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs each (alternating); the best counts")
+    parser.add_argument("--vocab", type=int, default=8000, help="synthetic model sizes (default: the demo preset)")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--d-ff", type=int, default=1024)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        from seq2seq.checkpoint import load_model
+        from seq2seq.textio import read_lines
+        from seq2seq.tokenizer import Tokenizer
+
+        model, _ = load_model(args.checkpoint, "cpu")
+        cfg = model.cfg
+        lines = [line for line in read_lines(args.source) if line.strip()][: args.sentences]
+        sources = [s[: cfg.max_positions - 1] for s in Tokenizer(args.spm).encode(lines)]
+        ours = Probe(model, ban_eos=False)
+    else:
+        cfg = TransformerConfig(
+            vocab_size=args.vocab,
+            d_model=args.d_model,
+            n_heads=args.heads,
+            n_encoder_layers=args.layers,
+            n_decoder_layers=args.layers,
+            d_ff=args.d_ff,
+            dropout=0.0,
+            max_positions=256,
+            share_embeddings=True,
+            pre_norm=True,
+            positions="sinusoidal",
+        )
+        torch.manual_seed(0)
+        ours = Probe(Transformer(cfg).eval(), ban_eos=True)
+        sources = make_sources(args.sentences, args.vocab, seed=0)
+    peer = marian_like(cfg)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_peer = sum(p.numel() for p in peer.parameters() if p.requires_grad)
+    data = batches(sources, args.batch_size)
+    # ours' length limit: a*src+b as evaluate uses it (1.5, 10) on real text, the fixed length otherwise
+    limits = [
+        min(int(1.5 * (max(map(len, b)) + 1) + 10), cfg.max_positions) if args.checkpoint else args.new_tokens
+        for b in data
+    ]
+    warm = batches(sources[:8], 8)
+    run_peer(peer, warm, args.beam, run_ours(ours, warm, args.beam, [4])[1])
+    t_ours, t_peer = float("inf"), float("inf")
+    for _ in range(args.repeats):  # alternate, so a noisy neighbour on the CPU hurts both alike
+        seconds, steps = run_ours(ours, data, args.beam, limits)
+        t_ours = min(t_ours, seconds)
+        t_peer = min(t_peer, run_peer(peer, data, args.beam, steps))
+    ours_sps, peer_sps = len(sources) / t_ours, len(sources) / t_peer
+    mode = f"checkpoint {args.checkpoint}" if args.checkpoint else f"synthetic, {args.new_tokens} tokens"
+    print(
+        f"{mode}: {len(sources)} sentences, batches of {args.batch_size}, beam {args.beam}, {args.threads} threads, "
+        f"{sum(steps)} decoder steps; parameters ours {n_ours / 1e6:.1f}M, Marian {n_peer / 1e6:.1f}M"
+    )
+    print(f"ours: {t_ours:.2f}s ({ours_sps:.1f} sentences/s); transformers generate: {t_peer:.2f}s ({peer_sps:.1f}/s)")
+    result = {"metric": "beam5_sentences_per_s", "ours": round(ours_sps, 2), "peer": round(peer_sps, 2)}
+    print(json.dumps({**result, "ratio": round(ours_sps / peer_sps, 2)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Translate text with a registered model or a checkpoint: stdin to stdout, or files.
+
+    nmt-translate -m models:/nmt-en-fr@champion < input.en > output.fr
+    nmt-translate -m models/model.pt --spm data/tokenized/spm.model -i input.en -o output.fr --beam-size 5
+    python -m seq2seq.translate -m runs:/<run id>/translator --nbest 3 < input.en    # Moses n-best lines
+
+Decoding options default to the model's bundled decoding config (registry) or params.yaml's `evaluate`
+section (checkpoint); the flags override them. Empty lines give empty lines; lines longer than the
+model's positions are cut with a warning naming the line; input that is not UTF-8 is refused up front,
+naming the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seq2seq.config import DecodingParams, ParamsError, load_params
+from seq2seq.decoding import translate_nbest
+from seq2seq.textio import TextFormatError, atomic_write
+
+log = logging.getLogger("seq2seq.translate")
+CHUNK_LINES = 2000  # lines decoded per call, so output streams and memory stays flat
+
+
+@dataclass(frozen=True)
+class Translation:
+    text: str
+    score: float  # length-normalised log-probability (see seq2seq/beam.py)
+    log_prob: float
+
+
+def translate_texts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    opts: DecodingParams,
+    device: torch.device,
+    warn: Callable[[str], None] = log.warning,
+    first_line: int = 1,
+) -> list[list[Translation]]:
+    """The n-best translations of each text, best first; an empty (or blank) text translates to ""."""
+    nonempty = [i for i, t in enumerate(texts) if t.strip()]
+    results: list[list[Translation]] = [[Translation("", 0.0, 0.0)] for _ in texts]
+    if not nonempty:
+        return results
+    ids = tokenizer.encode([texts[i] for i in nonempty])
+    limit = model.cfg.max_positions - 1  # one position is kept for EOS
+    for j, seq in enumerate(ids):
+        if len(seq) > limit:
+            warn(f"line {first_line + nonempty[j]}: {len(seq)} subword tokens, truncated to {limit} (max_positions)")
+            ids[j] = seq[:limit]
+    nbest = translate_nbest(model, ids, opts, device)
+    for i, hyps in zip(nonempty, nbest, strict=True):
+        texts_out = tokenizer.decode([h.tokens for h in hyps])
+        results[i] = [Translation(t, h.score, h.log_prob) for t, h in zip(texts_out, hyps, strict=True)]
+    return results
+
+
+def read_utf8_lines(data: bytes, name: str) -> list[str]:
+    """Split bytes into lines, refusing (with the line number) any line that is not UTF-8."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = []
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            out.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as err:
+            raise TextFormatError(
+                f"{name}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start}); convert the input to UTF-8"
+            ) from None
+    return out
+
+
+def load_translator(model_ref: str, spm: Path | None, params_path: Path) -> tuple[Any, Any, DecodingParams]:
+    """(model, tokenizer, decoding defaults) from an MLflow model URI or a checkpoint path."""
+    if ":/" in model_ref:  # models:/name@alias, models:/name/3, runs:/id/translator
+        import mlflow.pyfunc
+
+        wrapper = mlflow.pyfunc.load_model(model_ref).unwrap_python_model()
+        return wrapper.model, wrapper.tokenizer, DecodingParams.model_validate(wrapper.decoding)
+    from seq2seq.checkpoint import load_model
+    from seq2seq.tokenizer import Tokenizer
+
+    model, _ = load_model(Path(model_ref), "cpu")
+    tokenizer = Tokenizer(spm or Path("data/tokenized/spm.model"))
+    return model, tokenizer, load_params(params_path).evaluate.decoding()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="nmt-translate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-m", "--model", required=True, help="models:/<name>@<alias>, models:/<name>/<v> or model.pt")
+    parser.add_argument("--spm", type=Path, help="SentencePiece model for a checkpoint (data/tokenized/spm.model)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="decoding defaults for a checkpoint")
+    parser.add_argument("-i", "--input", type=Path, help="input file (default: stdin)")
+    parser.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
+    parser.add_argument("--beam-size", type=int)
+    parser.add_argument("--length-penalty", type=float, help="GNMT alpha")
+    parser.add_argument("--nbest", type=int, help="> 1 prints Moses n-best lines: index ||| text ||| score")
+    parser.add_argument("--max-len-a", type=float)
+    parser.add_argument("--max-len-b", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        name = str(args.input) if args.input else "stdin"
+        data = args.input.read_bytes() if args.input else sys.stdin.buffer.read()
+        texts = read_utf8_lines(data, name)  # refuse bad input before loading anything
+        model, tokenizer, defaults = load_translator(args.model, args.spm, args.params)
+        flags = {
+            "beam_size": args.beam_size,
+            "length_penalty": args.length_penalty,
+            "nbest": args.nbest,
+            "max_len_a": args.max_len_a,
+            "max_len_b": args.max_len_b,
+            "batch_size": args.batch_size,
+            "max_tokens": args.max_tokens,
+        }
+        opts = DecodingParams.model_validate(
+            {**defaults.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
+        )
+    except (TextFormatError, FileNotFoundError, ParamsError, ValueError) as err:
+        sys.exit(f"nmt-translate: {err}")
+    device = next(model.parameters()).device
+
+    def warn(message: str) -> None:
+        print(f"nmt-translate: warning: {name}: {message}", file=sys.stderr)
+
+    out = atomic_write(args.output) if args.output else contextlib.nullcontext(sys.stdout)
+    with out as f:
+        for start in range(0, len(texts), CHUNK_LINES):
+            chunk = texts[start : start + CHUNK_LINES]
+            translations = translate_texts(model, tokenizer, chunk, opts, device, warn, first_line=start + 1)
+            for i, nbest in enumerate(translations):
+                if opts.nbest == 1:
+                    f.write(nbest[0].text + "\n")
+                else:
+                    f.writelines(f"{start + i} ||| {t.text} ||| {t.score:.4f}\n" for t in nbest)
+            f.flush()
+
+
+if __name__ == "__main__":
+    main()
