@@ -1,1 +1,1 @@
-"""Prefect flows over the DVC stages (built in a later issue)."""
+"""Prefect flows over the DVC stages: pipeline (orchestration), train (on the gpu pool), evaluate-champion."""

@@ -1,0 +1,195 @@
+"""Real Prefect servers and workers on 127.0.0.1 for the flow tests, and a tiny REST client for them.
+
+Every process started here runs in its own process group and is stopped (SIGINT, then SIGKILL after a
+grace period) by `Processes.stop_all`, which the fixtures call in a `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+BIN = Path(sys.executable).parent
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited {proc.returncode}:\n{log.read_text() if log else ''}")
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout}s:\n{log.read_text() if log else ''}")
+
+
+@dataclass
+class Processes:
+    """Background processes, each in its own session (process group), with their logs in files."""
+
+    logs: Path
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        out = (self.logs / f"{name}.log").open("w")
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                return
+        # the group may still hold children (flow-run processes) after the leader exits
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.procs):
+            self.stop(proc)
+        self.procs.clear()
+
+
+class PrefectApi:
+    """The few REST calls the tests need (the test process never imports a configured Prefect client)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        # A busy SQLite database answers 503; Prefect's own client retries those, so do we.
+        for attempt in range(6):
+            r = requests.request(method, f"{self.url}{path}", json=body, timeout=30)
+            if r.status_code not in (502, 503) or attempt == 5:
+                break
+            time.sleep(0.5 * 2**attempt)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", path, body)
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        return self.get(f"/deployments/name/{name}")
+
+    def trigger(self, name: str, parameters: dict[str, Any]) -> str:
+        dep = self.deployment(name)
+        return self.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})["id"]
+
+    def flow_run(self, run_id: str) -> dict[str, Any]:
+        return self.get(f"/flow_runs/{run_id}")
+
+    def wait(self, run_id: str, timeout: float = 300) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.flow_run(run_id)
+            if run["state_type"] in FINAL_STATES:
+                return run
+            time.sleep(1.0)
+        raise TimeoutError(f"flow run {run_id} not finished after {timeout}s: {run['state_type']}")
+
+    def runs_of(self, deployment: str) -> list[dict[str, Any]]:
+        dep = self.deployment(deployment)
+        body = {"deployments": {"id": {"any_": [dep["id"]]}}, "sort": "EXPECTED_START_TIME_DESC"}
+        return self.post("/flow_runs/filter", body)
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+
+    def logs(self, run_id: str) -> str:
+        body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"}
+        return "\n".join(entry["message"] for entry in self.post("/logs/filter", body))
+
+    def task_runs(self, run_id: str) -> list[dict[str, Any]]:
+        return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+
+
+def prefect_env(base: dict[str, str], home: Path, api_url: str | None) -> dict[str, str]:
+    env = dict(base)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="true",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_WORKER_PREFETCH_SECONDS="5",
+        PREFECT_LOGGING_COLORS="false",
+    )
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def start_server(procs: Processes, home: Path, env: dict[str, str]) -> tuple[str, subprocess.Popen]:
+    """`prefect server start` on a free port, SQLite under `home`; returns the API URL (see `wait_server`)."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = prefect_env(env, home, None)
+    env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home}/prefect.db"
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return f"http://127.0.0.1:{port}/api", procs.start("server", cmd, home, env)
+
+
+def wait_server(procs: Processes, api_url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    wait_http(f"{api_url}/health", timeout, proc, procs.logs / "server.log")
+
+
+def start_worker(procs: Processes, name: str, pool: str, workdir: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A process worker whose flow runs work in `workdir` (its own clone): $NMT_WORKDIR, and first on PYTHONPATH."""
+    env = dict(env, NMT_WORKDIR=str(workdir), PYTHONPATH=str(workdir))
+    cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name, "--type", "process"]
+    return procs.start(name, cmd, workdir, env)
+
+
+def cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> str:
+    proc = subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def train_result(api: PrefectApi, run_id: str) -> dict[str, Any]:
+    """The JSON block of a train flow run's `train-result` artifact."""
+    from flows.train import parse_result_markdown
+
+    for artifact in api.artifacts(run_id):
+        if artifact["key"] == "train-result":
+            return parse_result_markdown(artifact["data"])
+    raise AssertionError(f"train flow run {run_id} has no train-result artifact: {json.dumps(api.artifacts(run_id))}")

@@ -1,0 +1,142 @@
+"""The flows without a server: their pure parts, and the pipeline flow in Prefect's ephemeral mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.deploy import PULL_STEPS, parse_param, specs
+from flows.report import metrics_markdown, run_link
+from flows.train import parse_result_markdown, result_markdown
+from flows.workspace import WorkspaceError, merge_lock_entries, read_lock, uncached_outs, workspace_lock
+from tests.pipeline_fixtures import REPO, make_workspace, tiny_params, write_toy_corpus
+from tests.prefect_fixtures import prefect_env
+
+SCORES = {"newstest2014": {"bleu": 30.5, "chrf": 58.0, "bleu_signature": "nrefs:1|..."}}
+
+
+def test_report_compares_with_the_champion_when_there_is_one() -> None:
+    md = metrics_markdown(SCORES, {"newstest2014": {"bleu": 29.0}}, "`models:/nmt-en-fr/3`", "models:/nmt-en-fr/4", "x")
+    assert "| newstest2014 | BLEU | 30.50 | 29.00 | +1.50 |" in md
+    assert "| newstest2014 | CHRF | 58.00 | – | – |" in md
+    assert "none yet" in metrics_markdown(SCORES, None, "", None, "x")
+
+
+def test_run_link_points_at_the_tracking_server() -> None:
+    assert run_link("http://mlflow:5000/", "7", "abc") == "[abc](http://mlflow:5000/#/experiments/7/runs/abc)"
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in run_link("sqlite:///mlflow.db", "7", "abc")
+
+
+def test_train_result_survives_the_markdown_artifact() -> None:
+    result = {
+        "lock": {"train": {"cmd": "python -m stages.train", "outs": [{"path": "models/model.pt", "md5": "ab"}]}},
+        "files": {"plots/train_loss.csv": "step,loss\r\n10,2.5\r\n"},  # csv's \r\n must come back as it was
+        "hashes": {"models/model.pt": "ab"},
+        "mlflow_run_id": "r1",
+        "git_commit": "c" * 40,
+        "host": "gpu-1",
+        "workdir": "/w",
+    }
+    assert parse_result_markdown(result_markdown(result)) == result
+
+
+def test_a_second_holder_of_the_workspace_fails_naming_the_first(tmp_path: Path) -> None:
+    with (
+        workspace_lock(tmp_path, 0, "pipeline flow run A"),
+        pytest.raises(WorkspaceError, match=r"is busy: pipeline flow run A holds"),
+        workspace_lock(tmp_path, 0, "pipeline flow run B"),
+    ):
+        pass
+    with workspace_lock(tmp_path, 0, "pipeline flow run C"):  # released on exit
+        pass
+
+
+def test_a_second_run_waits_for_the_first_to_release_the_workspace(tmp_path: Path) -> None:
+    released = threading.Event()
+
+    def first() -> None:
+        with workspace_lock(tmp_path, 0, "pipeline flow run A"):
+            held.set()
+            time.sleep(1.5)
+        released.set()
+
+    held = threading.Event()
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait(5)
+    with workspace_lock(tmp_path, 30, "pipeline flow run B"):
+        assert released.is_set()
+    thread.join()
+
+
+def test_lock_entries_from_a_worker_merge_in_stage_order(tmp_path: Path) -> None:
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  evaluate: {cmd: e}\n  tokenize: {cmd: t}\n")
+    merge_lock_entries(tmp_path, {"train": {"cmd": "python -m stages.train"}})
+    assert list(read_lock(tmp_path)["stages"]) == ["tokenize", "train", "evaluate"]
+
+
+def test_train_outputs_dvc_does_not_push_are_known() -> None:
+    assert set(uncached_outs(REPO, "train")) >= {"models/train_run.json", "metrics/train.json"}
+
+
+def test_deployments_run_from_the_workers_own_clone() -> None:
+    pipeline, train, champion = specs("default", "gpu", "0 3 * * 1", "0 6 * * *")
+    assert (pipeline.pool, train.pool, champion.pool) == ("default", "gpu", "default")
+    assert pipeline.cron and champion.cron and not train.cron
+    assert PULL_STEPS[0]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $NMT_WORKDIR }}"
+    assert parse_param('overrides={"train.lr": 0.001}') == ("overrides", {"train.lr": 0.001})
+    assert parse_param("remote=s3") == ("remote", "s3")
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, subprocess, sys, time
+    from mlflow import MlflowClient
+    from flows.evaluate_champion import evaluate_champion
+    from flows.pipeline import pipeline
+
+    first = pipeline(train_deployment=None)          # training in this process: no gpu pool, no server
+    t0 = time.perf_counter()
+    second = pipeline(train_deployment=None)
+    flow_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bare = subprocess.run([sys.executable, "-m", "dvc", "repro"], capture_output=True, text=True, check=True)
+    dvc_s = time.perf_counter() - t0
+    no_champion = evaluate_champion()
+    MlflowClient(sys.argv[1]).set_registered_model_alias("toy-en-fr", "champion", "1")
+    champion = evaluate_champion()
+    print("RESULT " + json.dumps({"first": first, "second": second, "flow_s": flow_s, "dvc_s": dvc_s,
+                                  "bare": bare.stdout, "no_champion": no_champion, "champion": champion}))
+    """
+)
+
+
+@pytest.mark.integration
+def test_pipeline_flow_in_ephemeral_mode_then_a_no_op(tmp_path: Path) -> None:
+    write_toy_corpus(tmp_path / "mirror")
+    params = tiny_params(tmp_path / "mirror")
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params["mlflow"]["tracking_uri"] = tracking_uri
+    ws, env = make_workspace(tmp_path, params)
+    env = dict(prefect_env(env, tmp_path / "prefect", None), PYTHONPATH=str(ws), NMT_WORKDIR=str(ws))
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, tracking_uri], cwd=ws, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    out = json.loads(line[len("RESULT ") :])
+    assert all(v != "skipped" for v in out["first"].values()), out["first"]
+    assert set(out["second"].values()) == {"skipped"}
+    assert "Data and pipelines are up to date" in out["bare"]
+    ratio = out["flow_s"] / out["dvc_s"]
+    print(f"no-op: pipeline flow {out['flow_s']:.2f}s vs bare dvc repro {out['dvc_s']:.2f}s (x{ratio:.1f})")
+    assert ratio < 5, out
+    assert out["no_champion"] == {}
+    assert out["champion"]["model_version"] == "1" and 0 <= out["champion"]["scores"]["toy_test"]["bleu"] <= 100
