@@ -45,9 +45,16 @@ class Memory:
 
     states: torch.Tensor
     src_mask: torch.Tensor
+    # Per decoder layer, the cross-attention keys and values of `states`, projected on the first
+    # decode_step. They live here, not in the per-step cache, because beam search reorders the cache
+    # every step but the memory only when sentences leave the batch: all beams of a sentence share them.
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def index_select(self, index: torch.Tensor) -> Memory:
-        return Memory(self.states.index_select(0, index), self.src_mask.index_select(0, index))
+        cross_kv = None
+        if self.cross_kv is not None:
+            cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+        return Memory(self.states.index_select(0, index), self.src_mask.index_select(0, index), cross_kv)
 
 
 class MultiHeadAttention(nn.Module):
@@ -133,8 +140,14 @@ class DecoderLayer(nn.Module):
         y = self.sub2(y, lambda h: self.cross_attn(h, memory.states, memory.src_mask))
         return self.sub3(y, self.ffn)
 
-    def step(self, y: torch.Tensor, memory: Memory, cache: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One new target position [B, 1, D]; `cache` holds this layer's keys/values so far."""
+    def step(
+        self,
+        y: torch.Tensor,
+        memory: Memory,
+        cache: dict[str, torch.Tensor],
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """One new target position [B, 1, D]; `cache` holds this layer's self-attention keys/values so far."""
 
         def self_attention(h: torch.Tensor) -> torch.Tensor:
             attn = self.self_attn
@@ -146,10 +159,7 @@ class DecoderLayer(nn.Module):
 
         def cross_attention(h: torch.Tensor) -> torch.Tensor:
             cross = self.cross_attn
-            if "mem_k" not in cache:  # the encoder side is fixed during decoding: project it once
-                cache["mem_k"] = cross.split_heads(cross.k_proj(memory.states))
-                cache["mem_v"] = cross.split_heads(cross.v_proj(memory.states))
-            return cross.attend(cross.split_heads(cross.q_proj(h)), cache["mem_k"], cache["mem_v"], memory.src_mask)
+            return cross.attend(cross.split_heads(cross.q_proj(h)), *cross_kv, memory.src_mask)
 
         y = self.sub1(y, self_attention)
         y = self.sub2(y, cross_attention)
@@ -240,8 +250,16 @@ class Transformer(nn.Module):
         """Log-probabilities [B, V] of the next token given the last one `prev` [B]."""
         step = cache[0]["k"].size(2) if "k" in cache[0] else 0
         y = self.embed(self.tgt_embed, prev[:, None], offset=step)
-        for layer, layer_cache in zip(self.decoder_layers, cache, strict=True):
-            y = layer.step(y, memory, layer_cache)
+        if memory.cross_kv is None:  # the encoder side is fixed during decoding: project it once
+            memory.cross_kv = [
+                (
+                    layer.cross_attn.split_heads(layer.cross_attn.k_proj(memory.states)),
+                    layer.cross_attn.split_heads(layer.cross_attn.v_proj(memory.states)),
+                )
+                for layer in self.decoder_layers
+            ]
+        for layer, layer_cache, kv in zip(self.decoder_layers, cache, memory.cross_kv, strict=True):
+            y = layer.step(y, memory, layer_cache, kv)
         return F.log_softmax(self.generator(self.decoder_norm(y[:, -1])).float(), dim=-1), cache
 
     @staticmethod

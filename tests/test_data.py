@@ -19,9 +19,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     pairs = [toy_pair(rng) for _ in range(300)]
     (tmp / "train.en").write_text("".join(e + "\n" for e, _ in pairs))
     (tmp / "train.fr").write_text("".join(f + "\n" for _, f in pairs) + "Élodie mange une pomme à Noël.\n")
-    train_sentencepiece(
-        [tmp / "train.en", tmp / "train.fr"], tmp / "spm.model", 100, "unigram", 1.0, 0, num_threads=1
-    )
+    train_sentencepiece([tmp / "train.en", tmp / "train.fr"], tmp / "spm.model", 100, "unigram", 1.0, 0, num_threads=1)
     return Tokenizer(tmp / "spm.model")
 
 
