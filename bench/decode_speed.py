@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from same_size import demo_size_config, marian_same_size  # bench/ is on sys.path when run as a script
 
 from seq2seq.beam import beam_search
 from seq2seq.data import pad_batch
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.tokenizer import EOS_ID, PAD_ID
 from seq2seq.transformer import Transformer, TransformerConfig
 
 
@@ -56,33 +57,8 @@ class Probe(torch.nn.Module):
 
 
 def marian_like(cfg: TransformerConfig):
-    from transformers import MarianConfig, MarianMTModel
-
-    config = MarianConfig(
-        vocab_size=cfg.vocab_size,
-        decoder_vocab_size=cfg.vocab_size,
-        d_model=cfg.d_model,
-        encoder_layers=cfg.n_encoder_layers,
-        decoder_layers=cfg.n_decoder_layers,
-        encoder_attention_heads=cfg.n_heads,
-        decoder_attention_heads=cfg.n_heads,
-        encoder_ffn_dim=cfg.d_ff,
-        decoder_ffn_dim=cfg.d_ff,
-        activation_function="relu",
-        max_position_embeddings=cfg.max_positions,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        scale_embedding=True,
-        share_encoder_decoder_embeddings=True,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=BOS_ID,
-        decoder_start_token_id=BOS_ID,
-        forced_eos_token_id=None,
-    )
     torch.manual_seed(0)
-    return MarianMTModel(config).eval()
+    return marian_same_size(cfg).eval()
 
 
 def make_sources(n: int, vocab: int, seed: int) -> list[list[int]]:
@@ -155,19 +131,7 @@ def main() -> None:
         sources = [s[: cfg.max_positions - 1] for s in Tokenizer(args.spm).encode(lines)]
         ours = Probe(model, ban_eos=False)
     else:
-        cfg = TransformerConfig(
-            vocab_size=args.vocab,
-            d_model=args.d_model,
-            n_heads=args.heads,
-            n_encoder_layers=args.layers,
-            n_decoder_layers=args.layers,
-            d_ff=args.d_ff,
-            dropout=0.0,
-            max_positions=256,
-            share_embeddings=True,
-            pre_norm=True,
-            positions="sinusoidal",
-        )
+        cfg = demo_size_config(args.vocab, args.d_model, args.heads, args.layers, args.d_ff, dropout=0.0)
         torch.manual_seed(0)
         ours = Probe(Transformer(cfg).eval(), ban_eos=True)
         sources = make_sources(args.sentences, args.vocab, seed=0)

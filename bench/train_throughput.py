@@ -23,10 +23,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from same_size import demo_size_config, marian_same_size  # bench/ is on sys.path when run as a script
 
 from seq2seq.data import pad_batch, token_batches
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from seq2seq.transformer import Transformer, TransformerConfig
+from seq2seq.transformer import Transformer
 
 
 def make_batches(n_sentences: int, max_tokens: int, vocab: int, n_batches: int, seed: int = 0):
@@ -43,49 +44,14 @@ def make_batches(n_sentences: int, max_tokens: int, vocab: int, n_batches: int, 
 
 
 def ours(args) -> torch.nn.Module:
-    cfg = TransformerConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        n_heads=args.heads,
-        n_encoder_layers=args.layers,
-        n_decoder_layers=args.layers,
-        d_ff=args.d_ff,
-        dropout=0.1,
-        max_positions=256,
-        share_embeddings=True,
-        pre_norm=True,
-        positions="sinusoidal",
-    )
-    model = Transformer(cfg)
+    model = Transformer(demo_size_config(args.vocab, args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1))
     return lambda src, tgt_in: model(src, tgt_in), model
 
 
 def marian(args):
-    from transformers import MarianConfig, MarianMTModel
-
-    cfg = MarianConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        encoder_layers=args.layers,
-        decoder_layers=args.layers,
-        encoder_attention_heads=args.heads,
-        decoder_attention_heads=args.heads,
-        encoder_ffn_dim=args.d_ff,
-        decoder_ffn_dim=args.d_ff,
-        activation_function="relu",
-        dropout=0.1,
-        attention_dropout=0.1,
-        activation_dropout=0.1,  # ours drops out inside the FFN too (tensor2tensor relu_dropout)
-        max_position_embeddings=256,
-        scale_embedding=True,
-        share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        decoder_start_token_id=BOS_ID,
-        forced_eos_token_id=EOS_ID,
+    model = marian_same_size(
+        demo_size_config(args.vocab, args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1)
     )
-    model = MarianMTModel(cfg)
 
     def forward(src, tgt_in):
         return model(input_ids=src, attention_mask=src != PAD_ID, decoder_input_ids=tgt_in, use_cache=False).logits
