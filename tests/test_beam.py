@@ -56,12 +56,14 @@ def test_beam_scores_are_the_model_log_probs_and_beat_greedy(toy) -> None:
     greedy = greedy_decode(model, src, max_len)
     beams = beam_search(model, src, max_len, beam_size=4, alpha=0.0, nbest=4)
     improved = 0
-    for source, g, nbest in zip(test, greedy, beams, strict=True):
+    for source, g, nbest, limit in zip(test, greedy, beams, max_len.tolist(), strict=True):
         assert len(nbest) == 4
         # scores match teacher forcing: the cache followed each hypothesis through the reordering
+        # (a hypothesis cut at the length limit has no EOS to score)
         for h in nbest:
-            assert h.log_prob == pytest.approx(sequence_log_prob(model, source, h.tokens), abs=1e-4)
-        greedy_lp = sequence_log_prob(model, source, g)
+            log_prob = sequence_log_prob(model, source, h.tokens, with_eos=len(h.tokens) < limit)
+            assert h.log_prob == pytest.approx(log_prob, abs=1e-4)
+        greedy_lp = sequence_log_prob(model, source, g, with_eos=len(g) < limit)
         assert nbest[0].log_prob >= greedy_lp - 1e-5
         improved += nbest[0].log_prob > greedy_lp + 1e-5
         assert [h.score for h in nbest] == sorted((h.score for h in nbest), reverse=True)
