@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq.cpu import Dropout, Linear
 from seq2seq.rnn import RNNEncoder, RNNMemory, from_rnn_state, make_embeddings, rnn_class, to_rnn_state, uniform_init
 
 
@@ -46,9 +47,9 @@ class AdditiveAttention(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
         self.W, self.U, self.v = (
-            nn.Linear(hidden, hidden, bias=False),
-            nn.Linear(hidden, hidden),
-            nn.Linear(hidden, 1, bias=False),
+            Linear(hidden, hidden, bias=False),
+            Linear(hidden, hidden),
+            Linear(hidden, 1, bias=False),
         )
 
     def keys(self, states: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ class GeneralAttention(nn.Module):
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.W_a = nn.Linear(hidden, hidden, bias=False)
+        self.W_a = Linear(hidden, hidden, bias=False)
 
     def keys(self, states: torch.Tensor) -> torch.Tensor:
         return self.W_a(states)
@@ -91,10 +92,10 @@ class AttentionRNN(nn.Module):
             dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0,
             batch_first=True,
         )
-        self.W_c = nn.Linear(2 * hidden, hidden, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.out_proj = nn.Linear(hidden, cfg.d_model, bias=False)
-        self.generator = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.W_c = Linear(2 * hidden, hidden, bias=False)
+        self.dropout = Dropout(cfg.dropout)
+        self.out_proj = Linear(hidden, cfg.d_model, bias=False)
+        self.generator = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         uniform_init(self)
         if cfg.share_embeddings:
             self.generator.weight = self.tgt_embed.weight

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from seq2seq.cpu import Dropout, Linear
 from seq2seq.tokenizer import PAD_ID
 
 
@@ -91,7 +92,7 @@ class RNNEncoder(nn.Module):
             bidirectional=cfg.rnn_bidirectional,
             batch_first=True,
         )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, src: torch.Tensor) -> RNNMemory:
         if src.size(1) > self.cfg.max_positions:
@@ -156,10 +157,10 @@ class RNNSeq2Seq(nn.Module):
             dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0,
             batch_first=True,
         )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         # the output layer reuses the embedding matrix when shared, so it reads d_model-sized vectors
-        self.out_proj = nn.Linear(cfg.rnn_hidden, cfg.d_model, bias=False)
-        self.generator = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.out_proj = Linear(cfg.rnn_hidden, cfg.d_model, bias=False)
+        self.generator = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         uniform_init(self)
         if cfg.share_embeddings:
             self.generator.weight = self.tgt_embed.weight

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq.cpu import Dropout, Linear
 from seq2seq.tokenizer import PAD_ID
 
 
@@ -58,20 +59,34 @@ class Memory:
 
 
 class MultiHeadAttention(nn.Module):
-    """Section 3.2.2: h parallel scaled dot-product attentions over learned projections."""
+    """Section 3.2.2: h parallel scaled dot-product attentions over learned projections.
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    The per-head projections W^Q, W^K, W^V are stored as one matrix (fairseq's in_proj, nanoGPT's c_attn):
+    one [D, 3D] matmul is cheaper than three [D, D] ones. Cross-attention projects queries from the
+    decoder and keys/values from the encoder, so it keeps W^Q apart and fuses W^K with W^V.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, cross: bool):
         super().__init__()
-        self.n_heads, self.d_head = n_heads, d_model // n_heads
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.n_heads, self.d_head, self.cross = n_heads, d_model // n_heads, cross
+        if cross:
+            self.q_proj, self.kv_proj = Linear(d_model, d_model), Linear(d_model, 2 * d_model)
+        else:
+            self.qkv_proj = Linear(d_model, 3 * d_model)
+        self.out_proj = Linear(d_model, d_model)
         self.dropout = dropout
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # [B, H, T, Dh]
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention: queries, keys and values of x, split into heads."""
+        return tuple(self.split_heads(part) for part in self.qkv_proj(x).chunk(3, dim=-1))
+
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention: keys and values of the encoder states, split into heads."""
+        return tuple(self.split_heads(part) for part in self.kv_proj(memory).chunk(2, dim=-1))
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False
@@ -84,10 +99,12 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
 
     def forward(
-        self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False
+        self, x: torch.Tensor, memory: torch.Tensor | None, mask: torch.Tensor | None, is_causal: bool = False
     ) -> torch.Tensor:
-        q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(kv)), self.split_heads(self.v_proj(kv))
-        return self.attend(q, k, v, mask, is_causal)
+        """Self-attention over x (memory None), or cross-attention from x to the encoder's memory."""
+        if self.cross:
+            return self.attend(self.split_heads(self.q_proj(x)), *self.project_kv(memory), mask)
+        return self.attend(*self.project_qkv(x), mask, is_causal)
 
 
 class FeedForward(nn.Module):
@@ -95,7 +112,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
-        self.w1, self.w2, self.dropout = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
+        self.w1, self.w2, self.dropout = Linear(d_model, d_ff), Linear(d_ff, d_model), Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.dropout(F.relu(self.w1(x))))
@@ -106,7 +123,7 @@ class Sublayer(nn.Module):
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
-        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), nn.Dropout(dropout), pre_norm
+        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), Dropout(dropout), pre_norm
 
     def forward(self, x: torch.Tensor, f) -> torch.Tensor:
         if self.pre_norm:
@@ -117,26 +134,26 @@ class Sublayer(nn.Module):
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cross=False)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
         self.sub1, self.sub2 = (Sublayer(cfg.d_model, cfg.dropout, cfg.pre_norm) for _ in range(2))
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
-        x = self.sub1(x, lambda h: self.self_attn(h, h, src_mask))
+        x = self.sub1(x, lambda h: self.self_attn(h, None, src_mask))
         return self.sub2(x, self.ffn)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cross=False)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cross=True)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
         self.sub1, self.sub2, self.sub3 = (Sublayer(cfg.d_model, cfg.dropout, cfg.pre_norm) for _ in range(3))
 
     def forward(self, y: torch.Tensor, memory: Memory) -> torch.Tensor:
         """Teacher forcing over the whole target: causal self-attention."""
-        y = self.sub1(y, lambda h: self.self_attn(h, h, None, is_causal=True))
+        y = self.sub1(y, lambda h: self.self_attn(h, None, None, is_causal=True))
         y = self.sub2(y, lambda h: self.cross_attn(h, memory.states, memory.src_mask))
         return self.sub3(y, self.ffn)
 
@@ -150,12 +167,11 @@ class DecoderLayer(nn.Module):
         """One new target position [B, 1, D]; `cache` holds this layer's self-attention keys/values so far."""
 
         def self_attention(h: torch.Tensor) -> torch.Tensor:
-            attn = self.self_attn
-            k, v = attn.split_heads(attn.k_proj(h)), attn.split_heads(attn.v_proj(h))
+            q, k, v = self.self_attn.project_qkv(h)
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-            return attn.attend(attn.split_heads(attn.q_proj(h)), k, v, None)
+            return self.self_attn.attend(q, k, v, None)
 
         def cross_attention(h: torch.Tensor) -> torch.Tensor:
             cross = self.cross_attn
@@ -196,16 +212,17 @@ class Transformer(nn.Module):
         # pre-norm leaves the residual stream unnormalised, so each stack ends with a LayerNorm
         norm = nn.LayerNorm if cfg.pre_norm else nn.Identity
         self.encoder_norm, self.decoder_norm = norm(cfg.d_model), norm(cfg.d_model)
-        self.generator = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.generator = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.dropout = Dropout(cfg.dropout)
         self.reset_parameters()
         if cfg.share_embeddings:
             self.generator.weight = self.tgt_embed.weight
 
     def reset_parameters(self) -> None:
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        for name, p in self.named_parameters():
+            if p.dim() > 1:  # fused projections: each of W^Q, W^K, W^V gets its own Xavier range
+                for block in p.chunk(3 if "qkv_proj" in name else 2 if "kv_proj" in name else 1, dim=0):
+                    nn.init.xavier_uniform_(block)
         for emb in (self.src_embed, self.tgt_embed):
             nn.init.normal_(emb.weight, mean=0.0, std=self.cfg.d_model**-0.5)
             with torch.no_grad():
@@ -251,13 +268,7 @@ class Transformer(nn.Module):
         step = cache[0]["k"].size(2) if "k" in cache[0] else 0
         y = self.embed(self.tgt_embed, prev[:, None], offset=step)
         if memory.cross_kv is None:  # the encoder side is fixed during decoding: project it once
-            memory.cross_kv = [
-                (
-                    layer.cross_attn.split_heads(layer.cross_attn.k_proj(memory.states)),
-                    layer.cross_attn.split_heads(layer.cross_attn.v_proj(memory.states)),
-                )
-                for layer in self.decoder_layers
-            ]
+            memory.cross_kv = [layer.cross_attn.project_kv(memory.states) for layer in self.decoder_layers]
         for layer, layer_cache, kv in zip(self.decoder_layers, cache, memory.cross_kv, strict=True):
             y = layer.step(y, memory, layer_cache, kv)
         return F.log_softmax(self.generator(self.decoder_norm(y[:, -1])).float(), dim=-1), cache

@@ -1,0 +1,70 @@
+"""The CPU fast paths (seq2seq/cpu.py) compute what nn.Dropout and nn.Linear compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seq2seq.cpu import ONEDNN, Dropout, Linear, drop_mask
+
+
+def test_drop_mask_rate_and_replay() -> None:
+    torch.manual_seed(0)
+    mask = drop_mask(torch.Size([400, 1000]), 0.1)
+    assert mask.dtype == torch.bool
+    assert mask.float().mean().item() == pytest.approx(0.1, abs=0.003)
+    # no structure across the four elements cut from one 64-bit draw
+    for lane in range(4):
+        assert mask.view(-1, 4)[:, lane].float().mean().item() == pytest.approx(0.1, abs=0.005)
+    torch.manual_seed(0)
+    assert torch.equal(drop_mask(torch.Size([400, 1000]), 0.1), mask)  # the default generator replays it
+    assert not torch.equal(drop_mask(torch.Size([400, 1000]), 0.1), mask)
+
+
+def test_dropout_scales_kept_values_and_gradients() -> None:
+    dropout = Dropout(0.25)
+    x = torch.randn(64, 300, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.02)
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() / 0.75)
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch has no oneDNN linear op here; Linear is nn.Linear")
+@pytest.mark.parametrize("shape", [(7, 48), (3, 5, 48), (2, 1, 48)])
+@pytest.mark.parametrize("out_features,bias", [(96, True), (16, True), (200, False)])
+def test_linear_matches_f_linear_forward_and_backward(shape, out_features, bias) -> None:
+    torch.manual_seed(0)
+    layer = Linear(48, out_features, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    grad_out = torch.randn(*shape[:-1], out_features)
+    y = layer(x)
+    assert y.grad_fn is not None and "OneDNN" in type(y.grad_fn).__name__  # the fast path did run
+    y.backward(grad_out)
+    ours = (y.detach(), x.grad, layer.weight.grad, layer.bias.grad if bias else None)
+
+    x.grad, layer.weight.grad = None, None
+    if bias:
+        layer.bias.grad = None
+    reference = F.linear(x, layer.weight, layer.bias)
+    reference.backward(grad_out)
+    expected = (reference.detach(), x.grad, layer.weight.grad, layer.bias.grad if bias else None)
+    for got, want in zip(ours, expected, strict=True):
+        if want is not None:
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_falls_back_where_onednn_does_not_apply() -> None:
+    layer = Linear(8, 4)
+    x = torch.randn(3, 8)
+    assert "OneDNN" not in type(layer.double()(x.double()).grad_fn).__name__
+    layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16  # autocast still decides the precision
