@@ -72,11 +72,17 @@ class ResilientRun:
     Metrics are queued and sent in batches by a background thread, so logging never waits on the
     network. The first failed call prints a warning and turns tracking off for the rest of the run;
     training and its checkpoints carry on. (MLflow's own async logging only logs its failures.)
+
+    A resumed run redoes the steps between its last checkpoint and the crash, with the same values
+    (resume is exact), so `continued=True` reads how far each metric got and skips the steps already logged.
     """
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, continued: bool = False):
         self.run_id, self.alive = run_id, True
         self.client = mlflow.MlflowClient()
+        self.logged_through: dict[str, int] = {}  # metric -> last step already in the run
+        if continued:
+            self.call("reading the metric history", self._read_logged_steps)
         self.queue: queue.Queue = queue.Queue()
         self.sender = threading.Thread(target=self._send, name="mlflow-metrics", daemon=True)
         self.sender.start()
@@ -112,9 +118,14 @@ class ResilientRun:
             except Exception as err:  # as in _send
                 self._fail(what, err)
 
+    def _read_logged_steps(self) -> None:
+        for key in self.client.get_run(self.run_id).data.metrics:
+            self.logged_through[key] = max(m.step for m in self.client.get_metric_history(self.run_id, key))
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.alive:
-            self.queue.put((metrics, step, int(time.time() * 1000)))
+        new = {k: v for k, v in metrics.items() if step > self.logged_through.get(k, -1)}
+        if self.alive and new:
+            self.queue.put((new, step, int(time.time() * 1000)))
 
     def log_artifact(self, path: Path, artifact_path: str) -> None:
         self.call("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)

@@ -317,7 +317,7 @@ def train(
                 mlflow_run_id = None
         if run is None:
             run = mlflow.start_run(run_name=f"{params.model.family}-{params.data.pair}")
-        tracker = ResilientRun(run.info.run_id)
+        tracker = ResilientRun(run.info.run_id, continued=mlflow_run_id is not None)
         if mlflow_run_id is None:
             mlflow.log_params(flatten(params.model_dump(exclude={"download"}), ""))
             mlflow.set_tags(

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -102,8 +103,16 @@ def train_cmd() -> list[str]:
 
 
 def losses(ws: Path) -> list[str]:
-    (path,) = ws.glob("checkpoints/*/losses.tsv")
-    return path.read_text().splitlines()
+    paths = list(ws.glob("checkpoints/*/losses.tsv"))
+    assert len(paths) <= 1
+    return paths[0].read_text().splitlines() if paths else []
+
+
+def mlflow_history(ws: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` in the workspace's one MLflow run, in step order."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
 
 
 def final_hashes(output: str) -> dict[int, str]:
@@ -114,7 +123,7 @@ def final_hashes(output: str) -> dict[int, str]:
 RESUMABLE = {
     "max_steps": 400,
     "save_every": 25,
-    "log_every": 25,
+    "log_every": 5,
     "eval_every": 1000,
     "eval_bleu_sentences": 0,
     "grad_accum": 2,
@@ -131,7 +140,8 @@ def test_kill_9_then_resume_gives_the_same_losses_step_for_step(tmp_path: Path, 
     ws_b, env = workspace(tmp_path / "b", tokenized, **RESUMABLE)
     proc = subprocess.Popen(train_cmd(), cwd=ws_b, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not list(ws_b.glob("checkpoints/*/step-*.pt")):
+    # kill it between checkpoints (step 25 saved, steps up to 35 logged), so the resumed run redoes logged steps
+    while not (list(ws_b.glob("checkpoints/*/step-*.pt")) and len(losses(ws_b)) > 36):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -148,6 +158,8 @@ def test_kill_9_then_resume_gives_the_same_losses_step_for_step(tmp_path: Path, 
     assert len(losses(ws_a)) == RESUMABLE["max_steps"] + 1
     assert final_hashes(resumed.stdout) == final_hashes(uninterrupted.stdout)
     assert len(list(ws_b.glob("checkpoints/*/step-*.pt"))) == RESUMABLE["keep_last"]
+    # the MLflow run continued: its loss curve is the uninterrupted one, without the redone steps twice
+    assert mlflow_history(ws_b, "loss") == mlflow_history(ws_a, "loss")
 
     # a corrupt checkpoint stops the stage with a clear error instead of a silent fresh start
     (last,) = sorted(ws_b.glob("checkpoints/*/step-*.pt"))[-1:]
