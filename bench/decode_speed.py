@@ -14,12 +14,17 @@ process, alternating runs (the best of --repeats counts), and do the same number
   Marian runs, per batch, as many steps as ours needed for that batch, which is what `generate` would
   do with the same model, since it keeps every row of a batch until the whole batch is done.
 The last line printed is JSON: {"metric": "beam5_sentences_per_s", "ours": ..., "peer": ..., "ratio": ...}.
+
+With --ctranslate2, our model is also exported to CTranslate2 (seq2seq/ctranslate2_export.py: the same
+weights) and its beam search timed on the same batches with the same length limits; the JSON then has
+"ctranslate2" (sentences/s) and "ctranslate2_ratio" (ours / CTranslate2) too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from same_size import demo_size_config, marian_same_size  # bench/ is on sys.pat
 
 from seq2seq.beam import beam_search
 from seq2seq.data import pad_batch
-from seq2seq.tokenizer import EOS_ID, PAD_ID
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from seq2seq.transformer import Transformer, TransformerConfig
 
 
@@ -102,6 +107,40 @@ def run_peer(model, data: list[list[list[int]]], beam: int, steps: list[int]) ->
     return time.perf_counter() - start
 
 
+def run_ctranslate2(translator, data: list[list[list[int]]], beam: int, limits: list[int], fixed_length: bool) -> float:
+    """Seconds for CTranslate2's beam search over the batches (ids as piece numbers: no tokenizer needed)."""
+    start = time.perf_counter()
+    for batch, limit in zip(data, limits, strict=True):
+        translator.translate_batch(
+            [[str(i) for i in s] + ["</s>"] for s in batch],
+            beam_size=beam,
+            length_penalty=1.0,
+            max_decoding_length=limit,
+            min_decoding_length=limit if fixed_length else 0,
+        )
+    return time.perf_counter() - start
+
+
+def ctranslate2_translator(model: Transformer, threads: int, compute_type: str, directory: Path):
+    """Our model as a CTranslate2 Translator, with piece names "0", "1", ... (and its special tokens)."""
+    import ctranslate2
+    from ctranslate2.converters.converter import Converter
+
+    from seq2seq.ctranslate2_export import transformer_spec
+
+    pieces = [str(i) for i in range(model.cfg.vocab_size)]
+    pieces[PAD_ID], pieces[UNK_ID], pieces[BOS_ID], pieces[EOS_ID] = "<pad>", "<unk>", "<s>", "</s>"
+
+    class _Converter(Converter):
+        def _load(self):
+            return transformer_spec(model, pieces)
+
+    _Converter().convert(str(directory / "ct2"))
+    return ctranslate2.Translator(
+        str(directory / "ct2"), device="cpu", compute_type=compute_type, inter_threads=1, intra_threads=threads
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a trained model.pt (else a random demo-size model)")
@@ -118,6 +157,13 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument(
+        "--ctranslate2",
+        nargs="?",
+        const="float32",
+        metavar="COMPUTE_TYPE",
+        help="also time a CTranslate2 export of our model (float32, or int8, int8_float32, ...)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -146,11 +192,17 @@ def main() -> None:
     ]
     warm = batches(sources[:8], 8)
     run_peer(peer, warm, args.beam, run_ours(ours, warm, args.beam, [4])[1])
-    t_ours, t_peer = float("inf"), float("inf")
-    for _ in range(args.repeats):  # alternate, so a noisy neighbour on the CPU hurts both alike
+    tmp = tempfile.TemporaryDirectory()
+    ct2 = (
+        ctranslate2_translator(ours.model, args.threads, args.ctranslate2, Path(tmp.name)) if args.ctranslate2 else None
+    )
+    t_ours, t_peer, t_ct2 = float("inf"), float("inf"), float("inf")
+    for _ in range(args.repeats):  # alternate, so a noisy neighbour on the CPU hurts all alike
         seconds, steps = run_ours(ours, data, args.beam, limits)
         t_ours = min(t_ours, seconds)
         t_peer = min(t_peer, run_peer(peer, data, args.beam, steps))
+        if ct2 is not None:
+            t_ct2 = min(t_ct2, run_ctranslate2(ct2, data, args.beam, limits, fixed_length=not args.checkpoint))
     ours_sps, peer_sps = len(sources) / t_ours, len(sources) / t_peer
     mode = f"checkpoint {args.checkpoint}" if args.checkpoint else f"synthetic, {args.new_tokens} tokens"
     print(
@@ -159,7 +211,12 @@ def main() -> None:
     )
     print(f"ours: {t_ours:.2f}s ({ours_sps:.1f} sentences/s); transformers generate: {t_peer:.2f}s ({peer_sps:.1f}/s)")
     result = {"metric": "beam5_sentences_per_s", "ours": round(ours_sps, 2), "peer": round(peer_sps, 2)}
-    print(json.dumps({**result, "ratio": round(ours_sps / peer_sps, 2)}))
+    result["ratio"] = round(ours_sps / peer_sps, 2)
+    if ct2 is not None:
+        ct2_sps = len(sources) / t_ct2
+        print(f"ctranslate2 (our weights, {args.ctranslate2}): {t_ct2:.2f}s ({ct2_sps:.1f}/s)")
+        result.update(ctranslate2=round(ct2_sps, 2), ctranslate2_ratio=round(ours_sps / ct2_sps, 2))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

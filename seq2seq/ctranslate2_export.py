@@ -1,0 +1,146 @@
+"""Export a trained Transformer to CTranslate2 (OpenNMT's C++ inference engine) for fast CPU/GPU serving.
+
+    pip install -e '.[ctranslate2]'
+    python -m seq2seq.ctranslate2_export models/model.pt data/tokenized/spm.model models/ct2 [--quantization int8]
+
+Our Transformer maps one-to-one onto CTranslate2's TransformerSpec: fused self-attention QKV and cross-
+attention KV projections (the layout both use), pre- or post-norm, ReLU FFN, embeddings scaled by
+sqrt(d_model) plus our position table (sinusoidal or learned, copied as is), one shared or two separate
+embedding matrices, LayerNorm eps 1e-5. The vocabulary is the SentencePiece model's pieces in id order.
+The source gets the EOS that our encoder sees; `translate_with_ctranslate2` does that for you.
+
+The model directory is written beside `out` and renamed into place, so `out` is either the old export or
+the complete new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from seq2seq.checkpoint import CheckpointError, load_model
+from seq2seq.tokenizer import Tokenizer
+from seq2seq.transformer import MultiHeadAttention, Sublayer, Transformer
+
+
+def _array(tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
+
+
+def _linear(spec, layer) -> None:
+    spec.weight = _array(layer.weight)
+    if layer.bias is not None:
+        spec.bias = _array(layer.bias)
+
+
+def _layer_norm(spec, norm) -> None:
+    spec.gamma, spec.beta = _array(norm.weight), _array(norm.bias)
+
+
+def _attention(spec, attn: MultiHeadAttention, sublayer: Sublayer) -> None:
+    if attn.cross:  # linear[0] queries, linear[1] fused keys+values, linear[2] output
+        _linear(spec.linear[0], attn.q_proj)
+        _linear(spec.linear[1], attn.kv_proj)
+    else:  # linear[0] fused queries+keys+values, linear[1] output
+        _linear(spec.linear[0], attn.qkv_proj)
+    _linear(spec.linear[-1], attn.out_proj)
+    _layer_norm(spec.layer_norm, sublayer.norm)
+
+
+def _ffn(spec, layer, sublayer: Sublayer) -> None:
+    _linear(spec.linear_0, layer.ffn.w1)
+    _linear(spec.linear_1, layer.ffn.w2)
+    _layer_norm(spec.layer_norm, sublayer.norm)
+
+
+def transformer_spec(model: Transformer, pieces: Sequence[str]):
+    """A CTranslate2 TransformerSpec holding `model`'s weights and the vocabulary `pieces`."""
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    cfg = model.cfg
+    spec = transformer_spec.TransformerSpec.from_config(
+        (cfg.n_encoder_layers, cfg.n_decoder_layers),
+        cfg.n_heads,
+        pre_norm=cfg.pre_norm,
+        activation=common_spec.Activation.RELU,
+    )
+    spec.config.layer_norm_epsilon = model.encoder_layers[0].sub1.norm.eps
+    spec.encoder.embeddings[0].weight = _array(model.src_embed.weight)  # a list: one per source feature
+    spec.decoder.embeddings.weight = _array(model.tgt_embed.weight)
+    spec.decoder.projection.weight = _array(model.generator.weight)
+    for stack, norm in ((spec.encoder, model.encoder_norm), (spec.decoder, model.decoder_norm)):
+        stack.position_encodings.encodings = _array(model.positions)
+        if cfg.pre_norm:  # post-norm stacks end without a LayerNorm, in both
+            _layer_norm(stack.layer_norm, norm)
+    for layer_spec, layer in zip(spec.encoder.layer, model.encoder_layers, strict=True):
+        _attention(layer_spec.self_attention, layer.self_attn, layer.sub1)
+        _ffn(layer_spec.ffn, layer, layer.sub2)
+    for layer_spec, layer in zip(spec.decoder.layer, model.decoder_layers, strict=True):
+        _attention(layer_spec.self_attention, layer.self_attn, layer.sub1)
+        _attention(layer_spec.attention, layer.cross_attn, layer.sub2)
+        _ffn(layer_spec.ffn, layer, layer.sub3)
+    spec.register_source_vocabulary(list(pieces))
+    spec.register_target_vocabulary(list(pieces))
+    return spec
+
+
+def export_ctranslate2(checkpoint: Path, spm: Path, out: Path, quantization: str | None = None) -> Path:
+    """Convert `checkpoint` (a Transformer) with its SentencePiece vocabulary into the directory `out`."""
+    from ctranslate2.converters.converter import Converter
+
+    model, state = load_model(checkpoint, "cpu")
+    if not isinstance(model, Transformer):
+        raise CheckpointError(f"{checkpoint}: CTranslate2 export needs a transformer, not {state['family']}")
+    tokenizer = Tokenizer(spm)
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise CheckpointError(
+            f"{spm}: {tokenizer.vocab_size} pieces, but {checkpoint} has a vocabulary of {model.cfg.vocab_size}"
+        )
+    pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+
+    class _Converter(Converter):
+        def _load(self):
+            return transformer_spec(model, pieces)
+
+    out = Path(out)
+    staging, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    _Converter().convert(str(staging), quantization=quantization)
+    shutil.copy(spm, staging / "spm.model")  # the directory is all a CTranslate2 server needs
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def translate_with_ctranslate2(
+    translator, tokenizer: Tokenizer, ids: Sequence[Sequence[int]], **options
+) -> list[list[int]]:
+    """Token ids in, best hypothesis ids out, with a CTranslate2 Translator over an export of ours."""
+    sp = tokenizer.sp
+    batch = [[sp.id_to_piece(i) for i in sentence] + ["</s>"] for sentence in ids]
+    results = translator.translate_batch(batch, **options)
+    return [[sp.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a Transformer model.pt")
+    parser.add_argument("spm", type=Path, help="its SentencePiece model")
+    parser.add_argument("out", type=Path, help="the CTranslate2 model directory to write")
+    parser.add_argument("--quantization", help="int8, int8_float32, float16, bfloat16, ... (default: float32)")
+    args = parser.parse_args(argv)
+    try:
+        path = export_ctranslate2(args.checkpoint, args.spm, args.out, args.quantization)
+    except (CheckpointError, ValueError) as err:
+        raise SystemExit(f"ctranslate2_export: {err}") from None
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
