@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +61,23 @@ def test_linear_matches_f_linear_forward_and_backward(shape, out_features, bias)
     for got, want in zip(ours, expected, strict=True):
         if want is not None:
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch has no oneDNN linear op here; Linear is nn.Linear")
+def test_linear_without_gradients_uses_a_packed_weight_that_follows_updates() -> None:
+    torch.manual_seed(0)
+    layer = Linear(48, 300)
+    x = torch.randn(2, 9, 48)
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+    packed = layer._packed[1]
+    with torch.no_grad():
+        assert layer(x[:, :3]) is not None and layer._packed[1] is packed  # reused across calls and shapes
+        layer.weight.add_(0.5)  # as an optimizer step does
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+        assert layer._packed[1] is not packed
+    pickle.loads(pickle.dumps(layer))  # the packed copy is not part of the module's state
+    assert torch.equal(copy.deepcopy(layer).weight, layer.weight)
 
 
 def test_linear_falls_back_where_onednn_does_not_apply() -> None:
