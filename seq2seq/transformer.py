@@ -76,6 +76,16 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = Linear(d_model, d_model)
         self.dropout = dropout
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """Checkpoints written before the projections were fused hold q_proj, k_proj and v_proj apart."""
+        fused, parts = ("kv_proj", ("k_proj", "v_proj")) if self.cross else ("qkv_proj", ("q_proj", "k_proj", "v_proj"))
+        if f"{prefix}k_proj.weight" in state_dict:
+            for kind in ("weight", "bias"):
+                state_dict[f"{prefix}{fused}.{kind}"] = torch.cat(
+                    [state_dict.pop(f"{prefix}{p}.{kind}") for p in parts]
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # [B, H, T, Dh]

@@ -132,6 +132,26 @@ def test_checkpoint_round_trip(model, tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(src, tgt_in), model(src, tgt_in))
 
 
+@torch.no_grad()
+def test_transformer_checkpoint_from_before_the_fused_projections_loads(base_params) -> None:
+    torch.manual_seed(0)
+    model = build_model(base_params.model_copy(update=TINY), VOCAB).eval()
+    old = {}  # the layout of earlier checkpoints: separate q/k/v projections
+    for name, tensor in model.state_dict().items():
+        for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("kv_proj", ("k_proj", "v_proj"))):
+            if f".{fused}." in name:
+                for part, chunk in zip(parts, tensor.chunk(len(parts)), strict=True):
+                    old[name.replace(fused, part)] = chunk.clone()
+                break
+        else:
+            old[name] = tensor
+    assert not any("qkv_proj" in n or "kv_proj" in n for n in old)
+    loaded = build_model(base_params.model_copy(update=TINY), VOCAB).eval()
+    loaded.load_state_dict(old)
+    src, tgt_in = batch()
+    torch.testing.assert_close(loaded(src, tgt_in), model(src, tgt_in))
+
+
 def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(model, tmp_path: Path) -> None:
     family = next(name for name, (_, cls) in FAMILIES.items() if isinstance(model, cls))
     path = tmp_path / "model.pt"
