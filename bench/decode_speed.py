@@ -124,18 +124,12 @@ def run_ctranslate2(translator, data: list[list[list[int]]], beam: int, limits: 
 def ctranslate2_translator(model: Transformer, threads: int, compute_type: str, directory: Path):
     """Our model as a CTranslate2 Translator, with piece names "0", "1", ... (and its special tokens)."""
     import ctranslate2
-    from ctranslate2.converters.converter import Converter
 
-    from seq2seq.ctranslate2_export import transformer_spec
+    from seq2seq.ctranslate2_export import write_ctranslate2
 
     pieces = [str(i) for i in range(model.cfg.vocab_size)]
     pieces[PAD_ID], pieces[UNK_ID], pieces[BOS_ID], pieces[EOS_ID] = "<pad>", "<unk>", "<s>", "</s>"
-
-    class _Converter(Converter):
-        def _load(self):
-            return transformer_spec(model, pieces)
-
-    _Converter().convert(str(directory / "ct2"))
+    write_ctranslate2(model, pieces, directory / "ct2", quantization=None)
     return ctranslate2.Translator(
         str(directory / "ct2"), device="cpu", compute_type=compute_type, inter_threads=1, intra_threads=threads
     )

@@ -88,10 +88,19 @@ def transformer_spec(model: Transformer, pieces: Sequence[str]):
     return spec
 
 
-def export_ctranslate2(checkpoint: Path, spm: Path, out: Path, quantization: str | None = None) -> Path:
-    """Convert `checkpoint` (a Transformer) with its SentencePiece vocabulary into the directory `out`."""
+def write_ctranslate2(model: Transformer, pieces: Sequence[str], directory: Path, quantization: str | None) -> None:
+    """Write `model` with the vocabulary `pieces` as a CTranslate2 model directory (replacing its contents)."""
     from ctranslate2.converters.converter import Converter
 
+    class _Converter(Converter):
+        def _load(self):
+            return transformer_spec(model, pieces)
+
+    _Converter().convert(str(directory), quantization=quantization, force=True)
+
+
+def export_ctranslate2(checkpoint: Path, spm: Path, out: Path, quantization: str | None = None) -> Path:
+    """Convert `checkpoint` (a Transformer) with its SentencePiece vocabulary into the directory `out`."""
     model, state = load_model(checkpoint, "cpu")
     if not isinstance(model, Transformer):
         raise CheckpointError(f"{checkpoint}: CTranslate2 export needs a transformer, not {state['family']}")
@@ -101,15 +110,10 @@ def export_ctranslate2(checkpoint: Path, spm: Path, out: Path, quantization: str
             f"{spm}: {tokenizer.vocab_size} pieces, but {checkpoint} has a vocabulary of {model.cfg.vocab_size}"
         )
     pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-
-    class _Converter(Converter):
-        def _load(self):
-            return transformer_spec(model, pieces)
-
     out = Path(out)
     staging, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(staging, ignore_errors=True)
-    _Converter().convert(str(staging), quantization=quantization)
+    write_ctranslate2(model, pieces, staging, quantization)
     shutil.copy(spm, staging / "spm.model")  # the directory is all a CTranslate2 server needs
     if out.exists():
         out.rename(old)
@@ -137,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         path = export_ctranslate2(args.checkpoint, args.spm, args.out, args.quantization)
-    except (CheckpointError, ValueError) as err:
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"ctranslate2_export: {err}; install it with pip install -e '.[ctranslate2]'") from None
+    except (CheckpointError, ValueError, RuntimeError, OSError) as err:  # sentencepiece's errors name the file
         raise SystemExit(f"ctranslate2_export: {err}") from None
     print(f"wrote {path}")
 
