@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from seq2seq.checkpoint import CheckpointError, load_model
-from seq2seq.tokenizer import Tokenizer
+from seq2seq.tokenizer import EOS_ID, Tokenizer
 from seq2seq.transformer import MultiHeadAttention, Sublayer, Transformer
 
 
@@ -122,14 +122,18 @@ def export_ctranslate2(checkpoint: Path, spm: Path, out: Path, quantization: str
     return out
 
 
+def source_pieces(tokenizer: Tokenizer, ids: Sequence[Sequence[int]]) -> list[list[str]]:
+    """Token ids as CTranslate2 input: their pieces, plus the EOS our encoder sees."""
+    sp = tokenizer.sp
+    return [[sp.id_to_piece(i) for i in sentence] + [sp.id_to_piece(EOS_ID)] for sentence in ids]
+
+
 def translate_with_ctranslate2(
     translator, tokenizer: Tokenizer, ids: Sequence[Sequence[int]], **options
 ) -> list[list[int]]:
     """Token ids in, best hypothesis ids out, with a CTranslate2 Translator over an export of ours."""
-    sp = tokenizer.sp
-    batch = [[sp.id_to_piece(i) for i in sentence] + ["</s>"] for sentence in ids]
-    results = translator.translate_batch(batch, **options)
-    return [[sp.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
+    results = translator.translate_batch(source_pieces(tokenizer, ids), **options)
+    return [[tokenizer.sp.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from seq2seq.transformer import Transformer
 from tests.tiny_models import sequence_log_prob, tiny_transformer, toy_pairs, toy_tokenizer, train_tiny
 
 ctranslate2 = pytest.importorskip("ctranslate2")
-from seq2seq.ctranslate2_export import export_ctranslate2, translate_with_ctranslate2  # noqa: E402
+from seq2seq.ctranslate2_export import export_ctranslate2, source_pieces, translate_with_ctranslate2  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,8 @@ def test_export_gives_our_greedy_translations_and_scores(toy, variant: dict) -> 
     assert theirs == ours
     assert len({tuple(t) for t in ours}) > 30  # the model translates, it does not repeat one output
 
-    sp = tokenizer.sp
-    batch = [[sp.id_to_piece(i) for i in s] + ["</s>"] for s in test[:10]]
     scored = translator.translate_batch(
-        batch, beam_size=1, return_scores=True, length_penalty=0.0, max_decoding_length=64
+        source_pieces(tokenizer, test[:10]), beam_size=1, return_scores=True, length_penalty=0.0, max_decoding_length=64
     )  # length_penalty 0: the score is the sum of log-probabilities, not their mean
     for source, result, hypothesis in zip(test, scored, theirs, strict=False):
         # CTranslate2's vectorised float math differs from torch's in the 4th decimal on these small models
