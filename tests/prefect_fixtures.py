@@ -131,9 +131,16 @@ class PrefectApi:
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:
         return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
 
-    def logs(self, run_id: str) -> str:
+    def logs(self, run_id: str, wait_for: str | None = None, timeout: float = 30) -> str:
+        """The run's log; with `wait_for`, polled until that text is in it (or `timeout` passes). A run's
+        last lines reach the server in the logging batch after its final state, so they can lag behind it."""
         body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"}
-        return "\n".join(entry["message"] for entry in self.post("/logs/filter", body))
+        deadline = time.monotonic() + timeout
+        while True:
+            log = "\n".join(entry["message"] for entry in self.post("/logs/filter", body))
+            if wait_for is None or wait_for in log or time.monotonic() > deadline:
+                return log
+            time.sleep(1.0)
 
     def task_runs(self, run_id: str) -> list[dict[str, Any]]:
         return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})

@@ -172,7 +172,7 @@ def test_failed_training_fails_the_pipeline_and_a_rerun_resumes(stack: Stack) ->
     assert failed["state_type"] == "FAILED"
     # the worker's own error, in the orchestrating run's state and log
     assert "no training pair is short enough" in failed["state"]["message"], stack.explain(failed)
-    assert "no training pair is short enough" in stack.api.logs(failed["id"])
+    assert "no training pair is short enough" in stack.api.logs(failed["id"], wait_for="no training pair")
     assert stack.api.runs_of("train/train")[0]["state_type"] == "FAILED"
 
     resumed = stack.run_pipeline({"overrides": {"train.max_steps": 30}})
