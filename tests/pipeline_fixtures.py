@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -13,7 +14,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["stages", "seq2seq", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["stages", "seq2seq", "flows", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 
 # A toy "language pair": each English word has one French word, and French puts adjectives after nouns.
 LEXICON = {
@@ -64,9 +65,24 @@ def write_toy_corpus(mirror: Path, seed: int = 0, sizes: dict[str, int] | None =
         (mirror / f"toy-{split}.fr").write_text("".join(f + "\n" for _, f in pairs), encoding="utf-8")
 
 
+@functools.cache
+def committed_params_text() -> str:
+    """params.yaml as committed at HEAD. Tests never read the working tree's copy: `make demo`, `dvc exp run`
+    or a user's local edits may have changed it, and the tests must not depend on that."""
+    proc = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:params.yaml"], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return proc.stdout
+    return (REPO / "params.yaml").read_text(encoding="utf-8")  # not a git checkout (e.g. an unpacked sdist)
+
+
+def committed_params() -> dict[str, Any]:
+    """A fresh mapping of the committed params.yaml, for a test to change."""
+    return yaml.safe_load(committed_params_text())
+
+
 def tiny_params(mirror: Path) -> dict[str, Any]:
     """The repo's params.yaml, pointed at the toy corpus and shrunk to a model that trains in seconds."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    raw = committed_params()
     for split in ("train", "dev", "test"):
         raw["download"]["datasets"][f"toy_{split}"] = {
             "en-fr": {"files": {lang: f"https://data.invalid/toy/toy-{split}.{lang}" for lang in ("en", "fr")}}
@@ -110,11 +126,14 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> s
     return proc
 
 
-def make_workspace(root: Path, params: dict[str, Any]) -> tuple[Path, dict[str, str]]:
-    """Copy the project into `root/ws`, write `params`, and commit it in a fresh git repo."""
+def make_workspace(
+    root: Path, params: dict[str, Any] | str, extra_files: tuple[str, ...] = ()
+) -> tuple[Path, dict[str, str]]:
+    """Copy the project (and `extra_files`) into `root/ws`, write `params` (a mapping, or the text of a
+    params.yaml), and commit it in a fresh git repo."""
     ws = root / "ws"
     ws.mkdir(parents=True)
-    for name in PROJECT_FILES:
+    for name in (*PROJECT_FILES, *extra_files):
         src = REPO / name
         dst = ws / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +141,8 @@ def make_workspace(root: Path, params: dict[str, Any]) -> tuple[Path, dict[str, 
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    text = params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False)
+    (ws / "params.yaml").write_text(text, encoding="utf-8")
     env = tool_env(root / "home")
     (root / "home").mkdir()
     run(["git", "init", "-q", "-b", "main"], ws, env)

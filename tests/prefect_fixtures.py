@@ -1,85 +1,23 @@
 """Real Prefect servers and workers on 127.0.0.1 for the flow tests, and a tiny REST client for them.
 
-Every process started here runs in its own process group and is stopped (SIGINT, then SIGKILL after a
-grace period) by `Processes.stop_all`, which the fixtures call in a `finally`.
+Processes, ports and the readiness deadline come from tests/servers.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from tests.servers import SERVER_DEADLINE, Processes, free_port
+
 BIN = Path(sys.executable).parent
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited {proc.returncode}:\n{log.read_text() if log else ''}")
-        try:
-            if requests.get(url, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout}s:\n{log.read_text() if log else ''}")
-
-
-@dataclass
-class Processes:
-    """Background processes, each in its own session (process group), with their logs in files."""
-
-    logs: Path
-    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
-
-    def start(self, name: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        out = (self.logs / f"{name}.log").open("w")
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, proc))
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGINT)
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                return
-        # the group may still hold children (flow-run processes) after the leader exits
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(self.procs):
-            self.stop(proc)
-        self.procs.clear()
 
 
 class PrefectApi:
@@ -155,6 +93,8 @@ def prefect_env(base: dict[str, str], home: Path, api_url: str | None) -> dict[s
         PREFECT_WORKER_QUERY_SECONDS="2",
         PREFECT_WORKER_PREFETCH_SECONDS="5",
         PREFECT_LOGGING_COLORS="false",
+        # the ephemeral server (no PREFECT_API_URL) gets the same patience as every server the tests start
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=str(int(SERVER_DEADLINE)),
     )
     env.pop("PREFECT_API_URL", None)
     if api_url:
@@ -172,8 +112,8 @@ def start_server(procs: Processes, home: Path, env: dict[str, str]) -> tuple[str
     return f"http://127.0.0.1:{port}/api", procs.start("server", cmd, home, env)
 
 
-def wait_server(procs: Processes, api_url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    wait_http(f"{api_url}/health", timeout, proc, procs.logs / "server.log")
+def wait_server(procs: Processes, api_url: str, proc: subprocess.Popen) -> None:
+    procs.wait_ready("server", proc, f"{api_url}/health")
 
 
 def start_worker(procs: Processes, name: str, pool: str, workdir: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import yaml
 
 from seq2seq.beam import beam_search, length_penalty
 from seq2seq.config import DecodingParams, ModelParams
@@ -15,7 +14,7 @@ from seq2seq.data import pad_batch
 from seq2seq.decoding import greedy_decode, token_batches, translate_nbest
 from seq2seq.models import FAMILIES, build_model
 from seq2seq.tokenizer import EOS_ID
-from tests.pipeline_fixtures import REPO
+from tests.pipeline_fixtures import committed_params
 from tests.tiny_models import sequence_log_prob, tiny_transformer, toy_pairs, toy_tokenizer, train_tiny
 
 CPU = torch.device("cpu")
@@ -160,7 +159,7 @@ def test_nbest_above_beam_size_is_refused() -> None:
 def test_every_family_decodes_through_the_shared_interface(family: str) -> None:
     """Untrained tiny models of each family: beam 1 is greedy, and beam scores are the model's log-probs
     (which only holds if the family's reorder_cache follows the hypotheses)."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["model"]
+    raw = committed_params()["model"]
     raw.update(family=family, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=32)
     raw.update(rnn_hidden=16, rnn_layers=2, dropout=0.0, max_positions=64)
     torch.manual_seed(0)

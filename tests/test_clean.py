@@ -21,9 +21,10 @@ import yaml
 from seq2seq.config import Params, ParamsError, parse_params
 from seq2seq.textio import TextFormatError
 from stages.clean import HashSet, clean, normalize
+from tests.pipeline_fixtures import committed_params
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_RAW = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+BASE_RAW = committed_params()
 # Dataset names only have to exist under download.datasets; clean reads data/raw/<name>.<lang>.
 TRAIN, DEV, TEST = "multi30k_train", "multi30k_val", "multi30k_test_2016"
 

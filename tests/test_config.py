@@ -12,9 +12,10 @@ import yaml
 
 from seq2seq.config import ParamsError, load_params, parse_params
 from seq2seq.preset import apply_preset
+from tests.pipeline_fixtures import committed_params, committed_params_text
 
 REPO = Path(__file__).resolve().parents[1]
-RAW = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+RAW = committed_params()
 
 
 def with_change(path: str, value: object) -> dict:
@@ -28,7 +29,7 @@ def with_change(path: str, value: object) -> dict:
 
 
 def test_committed_params_and_presets_are_valid() -> None:
-    params = load_params(REPO / "params.yaml")
+    params = parse_params(committed_params())
     assert params.data.pair == "en-fr"
     assert params.source_for("newstest2014").files["fr"].endswith("newstest2014-fren-ref.fr.sgm")
 
@@ -91,7 +92,7 @@ def test_stage_cli_refuses_bad_params_before_any_work(tmp_path: Path) -> None:
 
 def test_preset_is_applied_keeping_comments_and_validated(tmp_path: Path) -> None:
     params_path = tmp_path / "params.yaml"
-    params_path.write_text((REPO / "params.yaml").read_text())
+    params_path.write_text(committed_params_text())
     keys = apply_preset(REPO / "presets/demo.yaml", params_path)
     assert "data.train" in keys
     params = load_params(params_path)

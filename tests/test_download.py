@@ -25,6 +25,7 @@ import yaml
 from seq2seq.config import MIRROR_ENV, Params, parse_params
 from seq2seq.textio import TextFormatError
 from stages.download import DownloadError, NotFoundError, download
+from tests.pipeline_fixtures import committed_params, committed_params_text
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -210,7 +211,7 @@ def _no_env_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def raw_params(site: Site, train: list[str], dev: str, test: list[str], **download: Any) -> dict[str, Any]:
     """The repo's params.yaml with its statmt URLs pointed at `site`, quick retries and no checksums."""
-    text = (REPO / "params.yaml").read_text(encoding="utf-8").replace(UPSTREAM, site.base)
+    text = committed_params_text().replace(UPSTREAM, site.base)
     raw = yaml.safe_load(text)
     raw["data"].update(src_lang="en", tgt_lang="fr", train=train, dev=dev, test=test)
     raw["download"].update(mirror=None, retries=2, backoff_seconds=0.01, timeout_seconds=5, checksums={})
@@ -551,7 +552,7 @@ def test_the_entry_point_reports_download_errors_without_a_traceback(site: Site,
 def test_the_shared_mirror_gives_the_real_line_counts(tmp_path: Path) -> None:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    raw = committed_params()
     raw["data"].update(
         src_lang="en",
         tgt_lang="fr",

@@ -12,7 +12,7 @@ import torch
 
 from seq2seq import score, translate
 from seq2seq.checkpoint import save_checkpoint
-from tests.pipeline_fixtures import REPO
+from tests.pipeline_fixtures import committed_params_text
 from tests.tiny_models import tiny_transformer, toy_pairs, toy_tokenizer, train_tiny
 
 
@@ -26,7 +26,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     model = tiny_transformer(tokenizer.vocab_size, seed=0)
     train_tiny(model, tokenizer.encode([e for e, _ in pairs]), tokenizer.encode([f for _, f in pairs]), steps=150)
     save_checkpoint(root / "model.pt", model, "transformer", 150)
-    return ["-m", str(root / "model.pt"), "--spm", str(root / "spm.model"), "--params", str(REPO / "params.yaml")]
+    (root / "params.yaml").write_text(committed_params_text(), encoding="utf-8")
+    return ["-m", str(root / "model.pt"), "--spm", str(root / "spm.model"), "--params", str(root / "params.yaml")]
 
 
 def run_cli(args: list[str], stdin: bytes, capsys, monkeypatch) -> tuple[str, str]:

@@ -19,18 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline_fixtures import make_workspace, run, tiny_params, write_toy_corpus
-from tests.prefect_fixtures import (
-    PrefectApi,
-    Processes,
-    cli,
-    free_port,
-    prefect_env,
-    start_server,
-    start_worker,
-    train_result,
-    wait_http,
-    wait_server,
-)
+from tests.prefect_fixtures import PrefectApi, cli, prefect_env, start_server, start_worker, train_result, wait_server
+from tests.servers import Processes, free_port
 
 pytestmark = pytest.mark.integration
 PY = sys.executable
@@ -212,7 +202,7 @@ def test_s3_remote_through_moto(stack: Stack) -> None:
     )
     try:
         endpoint = f"http://127.0.0.1:{port}"
-        wait_http(f"{endpoint}/moto-api/", 30, moto)
+        stack.procs.wait_ready("moto", moto, f"{endpoint}/moto-api/")
         s3 = boto3.client(
             "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
         )

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.checkpoint import CheckpointError, load_model, save_checkpoint
-from seq2seq.config import load_params
+from seq2seq.config import parse_params
 from seq2seq.models import FAMILIES, build_model, model_config
 from seq2seq.tokenizer import PAD_ID
+from tests.pipeline_fixtures import committed_params
 
 VOCAB = 50
 TINY = {"d_model": 16, "n_heads": 2, "n_encoder_layers": 2, "n_decoder_layers": 2, "d_ff": 32, "max_positions": 32}
@@ -44,7 +45,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def base_params():
-    return load_params(Path(__file__).resolve().parents[1] / "params.yaml").model
+    return parse_params(committed_params()).model
 
 
 @pytest.fixture(params=list(VARIANTS), scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from seq2seq.preset import apply_preset
-from tests.pipeline_fixtures import REPO, make_workspace, run
+from tests.pipeline_fixtures import REPO, committed_params_text, make_workspace, run
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 FULL = os.environ.get("NMT_FULL_DEMO") == "1"
@@ -32,7 +31,7 @@ pytestmark = [
 
 def test_demo_preset_on_multi30k(tmp_path: Path) -> None:
     params_path = tmp_path / "params.yaml"
-    shutil.copy(REPO / "params.yaml", params_path)
+    params_path.write_text(committed_params_text(), encoding="utf-8")
     apply_preset(REPO / "presets/demo.yaml", params_path)
     raw = yaml.safe_load(params_path.read_text())
     raw["download"]["mirror"] = str(SHARED_DATA)

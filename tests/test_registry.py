@@ -5,12 +5,8 @@ manual alias change, a fresh-process load of models:/<name>@champion and `mlflow
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +24,7 @@ from seq2seq.tracking import mlflow, write_run_file
 from seq2seq.translate import translate_texts
 from stages.export import export
 from tests.pipeline_fixtures import tiny_params, tool_env
+from tests.servers import Processes, free_port, mlflow_server_cmd
 from tests.tiny_models import tiny_transformer, toy_pairs, toy_tokenizer, train_tiny
 
 pytestmark = pytest.mark.integration
@@ -36,57 +33,16 @@ NAME, TEST_SET = "toy-en-fr", "toy_test"
 PROBE = ["the dog sees a red ball .", "a small cat likes the man ."]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{url}: process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url}: not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group this test started, then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("w") as f:
-        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    cmd = [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"]
-    cmd += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    proc = start([*cmd, "--workers", "1"], tool_env(root), root / "server.log")
+    procs, port = Processes(root / "logs"), free_port()
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 120, root / "server.log")
+        proc = procs.start("mlflow", mlflow_server_cmd(MLFLOW, root, port), root, tool_env(root))
+        procs.wait_ready("mlflow", proc, f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop(proc)
+        procs.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +150,12 @@ def test_champion_loads_and_translates_in_a_fresh_process(registry: dict) -> Non
 
 def test_served_champion_answers_invocations(registry: dict) -> None:
     root, port = registry["root"], free_port()
+    procs = Processes(root / "logs")
     env = {**tool_env(root), "MLFLOW_TRACKING_URI": registry["uri"]}
     cmd = [MLFLOW, "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local"]
-    proc = start([*cmd, "--host", "127.0.0.1", "--port", str(port)], env, root / "serve.log")
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc, 180, root / "serve.log")
+        proc = procs.start("serve", [*cmd, "--host", "127.0.0.1", "--port", str(port)], root, env)
+        procs.wait_ready("serve", proc, f"http://127.0.0.1:{port}/ping")
         url = f"http://127.0.0.1:{port}/invocations"
         reply = requests.post(url, json={"inputs": PROBE}, timeout=60)
         assert reply.status_code == 200, reply.text
@@ -207,4 +164,4 @@ def test_served_champion_answers_invocations(registry: dict) -> None:
         assert greedy.status_code == 200, greedy.text
         assert greedy.json()["predictions"][0] == "" and "chien" in greedy.json()["predictions"][1]
     finally:
-        stop(proc)
+        procs.stop_all()

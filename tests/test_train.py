@@ -7,11 +7,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +19,16 @@ import pytest
 import torch
 import yaml
 
-from seq2seq.config import load_params
+from seq2seq.config import parse_params
 from stages.train import epoch_batches, learning_rate, rng_state, set_rng_state
-from tests.pipeline_fixtures import REPO, tiny_params, tool_env, write_toy_corpus
+from tests.pipeline_fixtures import REPO, committed_params, tiny_params, tool_env, write_toy_corpus
+from tests.servers import Processes, free_port, mlflow_server_cmd
 
 # ---- fast unit tests ------------------------------------------------------------------------------------
 
 
 def test_learning_rate_schedules() -> None:
-    p = load_params(REPO / "params.yaml").train.model_copy(
+    p = parse_params(committed_params()).train.model_copy(
         update={"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr": 0.1}
     )
     assert learning_rate(5, p) == pytest.approx(0.5)
@@ -184,12 +183,6 @@ def test_ddp_two_cpu_processes(tmp_path: Path, tokenized) -> None:
     assert (ws / "models/model.pt").is_file()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_training_survives_the_mlflow_server_going_away(tmp_path: Path, tokenized) -> None:
     port = free_port()
@@ -200,26 +193,12 @@ def test_training_survives_the_mlflow_server_going_away(tmp_path: Path, tokenize
     params["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{port}"
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
-    server_cmd = [
-        *(sys.executable, "-m", "mlflow", "server"),
-        *("--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")),
-        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-    ]
-    server = subprocess.Popen(
-        server_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    procs = Processes(tmp_path / "logs")
     trainer = None
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+        server_cmd = mlflow_server_cmd(str(Path(sys.executable).parent / "mlflow"), tmp_path, port)
+        server = procs.start("mlflow", server_cmd, tmp_path, env)
+        procs.wait_ready("mlflow", server, f"http://127.0.0.1:{port}/health")
 
         trainer = subprocess.Popen(
             train_cmd(), cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -231,9 +210,7 @@ def test_training_survives_the_mlflow_server_going_away(tmp_path: Path, tokenize
         server.wait()
         _, err = trainer.communicate(timeout=300)
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        procs.stop_all()
         if trainer is not None and trainer.poll() is None:
             trainer.kill()
             trainer.wait()
