@@ -32,9 +32,10 @@ import torch
 from same_size import demo_size_config, marian_same_size  # bench/ is on sys.path when run as a script
 
 from seq2seq.beam import beam_search
+from seq2seq.config import TransformerConfig
 from seq2seq.data import pad_batch
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from seq2seq.transformer import Transformer, TransformerConfig
+from seq2seq.transformer import Transformer
 
 
 class Probe(torch.nn.Module):
@@ -61,9 +62,9 @@ class Probe(torch.nn.Module):
         return self.model.reorder_cache(cache, index)
 
 
-def marian_like(cfg: TransformerConfig):
+def marian_like(cfg: TransformerConfig, vocab_size: int):
     torch.manual_seed(0)
-    return marian_same_size(cfg).eval()
+    return marian_same_size(cfg, vocab_size).eval()
 
 
 def make_sources(n: int, vocab: int, seed: int) -> list[list[int]]:
@@ -127,7 +128,7 @@ def ctranslate2_translator(model: Transformer, threads: int, compute_type: str, 
 
     from seq2seq.ctranslate2_export import write_ctranslate2
 
-    pieces = [str(i) for i in range(model.cfg.vocab_size)]
+    pieces = [str(i) for i in range(model.vocab_size)]
     pieces[PAD_ID], pieces[UNK_ID], pieces[BOS_ID], pieces[EOS_ID] = "<pad>", "<unk>", "<s>", "</s>"
     write_ctranslate2(model, pieces, directory / "ct2", quantization=None)
     return ctranslate2.Translator(
@@ -166,16 +167,16 @@ def main() -> None:
         from seq2seq.tokenizer import Tokenizer
 
         model, _ = load_model(args.checkpoint, "cpu")
-        cfg = model.cfg
+        cfg, vocab_size = model.cfg, model.vocab_size
         lines = [line for line in read_lines(args.source) if line.strip()][: args.sentences]
         sources = [s[: cfg.max_positions - 1] for s in Tokenizer(args.spm).encode(lines)]
         ours = Probe(model, ban_eos=False)
     else:
-        cfg = demo_size_config(args.vocab, args.d_model, args.heads, args.layers, args.d_ff, dropout=0.0)
+        cfg, vocab_size = demo_size_config(args.d_model, args.heads, args.layers, args.d_ff, dropout=0.0), args.vocab
         torch.manual_seed(0)
-        ours = Probe(Transformer(cfg).eval(), ban_eos=True)
+        ours = Probe(Transformer(cfg, vocab_size).eval(), ban_eos=True)
         sources = make_sources(args.sentences, args.vocab, seed=0)
-    peer = marian_like(cfg)
+    peer = marian_like(cfg, vocab_size)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_peer = sum(p.numel() for p in peer.parameters() if p.requires_grad)
     data = batches(sources, args.batch_size)

@@ -6,16 +6,15 @@ peer is sized, regularised and tokenised the same way in each.
 
 from __future__ import annotations
 
+from seq2seq.config import TransformerConfig
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from seq2seq.transformer import TransformerConfig
 
 
 def demo_size_config(
-    vocab: int, d_model: int, heads: int, layers: int, d_ff: int, dropout: float, max_positions: int = 256
+    d_model: int, heads: int, layers: int, d_ff: int, dropout: float, max_positions: int = 256
 ) -> TransformerConfig:
     """Our pre-norm, shared-embedding Transformer at the given sizes (the demo preset's by default)."""
     return TransformerConfig(
-        vocab_size=vocab,
         d_model=d_model,
         n_heads=heads,
         n_encoder_layers=layers,
@@ -29,13 +28,13 @@ def demo_size_config(
     )
 
 
-def marian_same_size(cfg: TransformerConfig):
+def marian_same_size(cfg: TransformerConfig, vocab_size: int):
     """A randomly initialised MarianMTModel with `cfg`'s dimensions, dropout and special ids (no download)."""
     from transformers import MarianConfig, MarianMTModel
 
     config = MarianConfig(
-        vocab_size=cfg.vocab_size,
-        decoder_vocab_size=cfg.vocab_size,
+        vocab_size=vocab_size,
+        decoder_vocab_size=vocab_size,
         d_model=cfg.d_model,
         encoder_layers=cfg.n_encoder_layers,
         decoder_layers=cfg.n_decoder_layers,

@@ -44,13 +44,13 @@ def make_batches(n_sentences: int, max_tokens: int, vocab: int, n_batches: int, 
 
 
 def ours(args) -> torch.nn.Module:
-    model = Transformer(demo_size_config(args.vocab, args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1))
+    model = Transformer(demo_size_config(args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1), args.vocab)
     return lambda src, tgt_in: model(src, tgt_in), model
 
 
 def marian(args):
     model = marian_same_size(
-        demo_size_config(args.vocab, args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1)
+        demo_size_config(args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1), args.vocab
     )
 
     def forward(src, tgt_in):

@@ -16,29 +16,13 @@ step's attention; encoder keys are projected once per batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq.config import AttentionRNNConfig
 from seq2seq.cpu import Dropout, Linear
 from seq2seq.rnn import RNNEncoder, RNNMemory, from_rnn_state, make_embeddings, rnn_class, to_rnn_state, uniform_init
-
-
-@dataclass(frozen=True)
-class AttentionRNNConfig:
-    vocab_size: int
-    d_model: int  # embedding width
-    rnn_cell: str  # "lstm" | "gru"
-    rnn_hidden: int
-    rnn_layers: int
-    rnn_bidirectional: bool
-    rnn_reverse_source: bool
-    attention: str  # "bahdanau" | "luong"
-    dropout: float
-    max_positions: int
-    share_embeddings: bool
 
 
 class AdditiveAttention(nn.Module):
@@ -74,28 +58,26 @@ class GeneralAttention(nn.Module):
 
 
 class AttentionRNN(nn.Module):
-    def __init__(self, cfg: AttentionRNNConfig):
+    def __init__(self, cfg: AttentionRNNConfig, vocab_size: int):
         super().__init__()
-        if cfg.attention not in ("bahdanau", "luong"):
-            raise ValueError(f"model.attention: unknown {cfg.attention!r}")
-        self.cfg = cfg
+        self.cfg, self.vocab_size = cfg, vocab_size
         self.input_feeding = cfg.attention == "luong"
-        hidden = cfg.rnn_hidden
-        self.src_embed, self.tgt_embed = make_embeddings(cfg)
+        hidden = cfg.hidden
+        self.src_embed, self.tgt_embed = make_embeddings(cfg, vocab_size)
         self.encoder = RNNEncoder(cfg, self.src_embed)
         self.attention = AdditiveAttention(hidden) if cfg.attention == "bahdanau" else GeneralAttention(hidden)
         # input: the previous token's embedding plus c_t (Bahdanau) or h~_{t-1} (Luong's input feeding)
-        self.decoder = rnn_class(cfg.rnn_cell)(
+        self.decoder = rnn_class(cfg.cell)(
             cfg.d_model + hidden,
             hidden,
-            num_layers=cfg.rnn_layers,
-            dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0,
+            num_layers=cfg.layers,
+            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
             batch_first=True,
         )
         self.W_c = Linear(2 * hidden, hidden, bias=False)
         self.dropout = Dropout(cfg.dropout)
         self.out_proj = Linear(hidden, cfg.d_model, bias=False)
-        self.generator = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.generator = Linear(cfg.d_model, vocab_size, bias=False)
         uniform_init(self)
         if cfg.share_embeddings:
             self.generator.weight = self.tgt_embed.weight
@@ -133,7 +115,7 @@ class AttentionRNN(nn.Module):
         memory = self.encode(src)
         keys = self.attention.keys(memory.states)
         state = to_rnn_state(memory.h, memory.c)
-        feed = memory.states.new_zeros(src.size(0), self.cfg.rnn_hidden)
+        feed = memory.states.new_zeros(src.size(0), self.cfg.hidden)
         embedded = self.dropout(self.tgt_embed(tgt_in))
         outputs = []
         for t in range(tgt_in.size(1)):
@@ -152,7 +134,7 @@ class AttentionRNN(nn.Module):
             cache = {"h": memory.h, "keys": self.attention.keys(memory.states)}
             if memory.c is not None:
                 cache["c"] = memory.c
-            cache["feed"] = memory.states.new_zeros(prev.size(0), self.cfg.rnn_hidden)
+            cache["feed"] = memory.states.new_zeros(prev.size(0), self.cfg.hidden)
         state = to_rnn_state(cache["h"], cache.get("c"))
         feed, state = self.step(self.dropout(self.tgt_embed(prev)), memory, cache["keys"], state, cache["feed"])
         cache["h"], c = from_rnn_state(state)

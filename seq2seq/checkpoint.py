@@ -1,24 +1,26 @@
 """Checkpoints: one dict, written atomically, loaded with weights_only=True.
 
-Layout: {"format": 1, "family": str, "config": dict, "model": state_dict, "step": int, ...extra}.
+Layout: {"format": 2, "family": str, "config": the family's model section (a dict), "vocab_size": int,
+"model": state_dict, "step": int, ...extra}. Format 1 (written before the model sections existed) is
+refused with the command that converts it: scripts/upgrade_checkpoint.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import torch
 from torch import nn
 
+from seq2seq.config import key_errors
 from seq2seq.models import FAMILIES, model_from_config
 from seq2seq.textio import atomic_write
 
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -30,7 +32,8 @@ def save_checkpoint(path: Path, model: nn.Module, family: str, step: int, **extr
     state = {
         "format": FORMAT,
         "family": family,
-        "config": dataclasses.asdict(model.cfg),
+        "config": model.cfg.model_dump(),
+        "vocab_size": model.vocab_size,
         "model": model.state_dict(),
         "step": step,
         **extra,
@@ -47,40 +50,38 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({err})") from None
+    if isinstance(state, dict) and state.get("format") == 1:
+        raise CheckpointError(
+            f"{path}: a checkpoint of format 1, written by an earlier version; "
+            f"convert it with python scripts/upgrade_checkpoint.py {path}"
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of format {FORMAT}")
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights."""
+def model_from_checkpoint(state: dict[str, Any], path: Path) -> nn.Module:
+    """Rebuild the model a checkpoint (read from `path`) describes and load its weights."""
     if state["family"] not in FAMILIES:
-        raise CheckpointError(f"unknown model family {state['family']!r} in checkpoint")
+        raise CheckpointError(f"{path}: unknown model family {state['family']!r}")
     try:
-        model = model_from_config(state["family"], state["config"])
-    except TypeError as err:
-        raise CheckpointError(f"checkpoint config does not fit this code's {state['family']} ({err})") from None
+        model = model_from_config(state["family"], state["config"], state["vocab_size"])
+    except pydantic.ValidationError as err:
+        problems = "; ".join(key_errors(err, "config."))
+        raise CheckpointError(f"{path}: its config does not fit this code's {state['family']}: {problems}") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint weights do not fit the model it describes: {err}") from None
+        raise CheckpointError(f"{path}: its weights do not fit the model it describes: {err}") from None
     return model
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The model saved at `path` on `device`, in eval mode, and the whole checkpoint dict."""
     state = load_checkpoint(path, map_location=device)
-    model = model_from_checkpoint(state).to(device)
+    model = model_from_checkpoint(state, Path(path)).to(device)
     model.eval()
     return model, state
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:

@@ -48,6 +48,11 @@ class DataParams(Strict):
         return self
 
     @property
+    def langs(self) -> tuple[str, str]:
+        """(source language, target language)."""
+        return self.src_lang, self.tgt_lang
+
+    @property
     def pair(self) -> str:
         return f"{self.src_lang}-{self.tgt_lang}"
 
@@ -107,36 +112,73 @@ class TokenizeParams(Strict):
     num_threads: int = Field(ge=1)
 
 
-class ModelParams(Strict):
-    """One flat section for every family (seq2seq/models.py); each family reads the fields it needs."""
+class ModelShape(Strict):
+    """The fields every model family has; each family's section below declares the rest."""
 
-    family: Literal["transformer", "rnn", "attention_rnn"]
-    d_model: int = Field(ge=8)  # embedding width, all families
+    d_model: int = Field(ge=8)  # embedding width
     dropout: float = Field(ge=0.0, lt=1.0)
-    max_positions: int = Field(ge=16)  # longest source or target sequence, all families
-    share_embeddings: bool
-    # transformer
+    max_positions: int = Field(ge=16)  # longest source or target sequence in tokens
+    share_embeddings: bool  # one matrix for source, target and output embeddings
+
+
+class TransformerConfig(ModelShape):
+    """model.transformer: the Transformer (seq2seq/transformer.py)."""
+
     n_heads: int = Field(ge=1)
     n_encoder_layers: int = Field(ge=1)
     n_decoder_layers: int = Field(ge=1)
     d_ff: int = Field(ge=8)
     pre_norm: bool
     positions: Literal["sinusoidal", "learned"]
-    # rnn and attention_rnn
-    rnn_cell: Literal["lstm", "gru"]
-    rnn_hidden: int = Field(ge=8)
-    rnn_layers: int = Field(ge=1)
-    rnn_bidirectional: bool
-    rnn_reverse_source: bool
-    attention: Literal["bahdanau", "luong"]  # attention_rnn only
 
     @model_validator(mode="after")
-    def _family_shapes(self) -> ModelParams:
-        if self.family == "transformer" and self.d_model % self.n_heads:
+    def _heads_divide_width(self) -> TransformerConfig:
+        if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.family != "transformer" and self.rnn_bidirectional and self.rnn_hidden % 2:
-            raise ValueError(f"rnn_hidden ({self.rnn_hidden}) must be even with rnn_bidirectional (half per direction)")
         return self
+
+
+class RNNConfig(ModelShape):
+    """model.rnn: the RNN encoder-decoder (seq2seq/rnn.py); also the base of model.attention_rnn."""
+
+    cell: Literal["lstm", "gru"]
+    hidden: int = Field(ge=8)  # decoder state size; a bidirectional encoder gives each direction half
+    layers: int = Field(ge=1)
+    bidirectional: bool
+    reverse_source: bool
+
+    @model_validator(mode="after")
+    def _directions_split_hidden(self) -> RNNConfig:
+        if self.bidirectional and self.hidden % 2:
+            raise ValueError(f"hidden ({self.hidden}) must be even with bidirectional (half per direction)")
+        return self
+
+
+class AttentionRNNConfig(RNNConfig):
+    """model.attention_rnn: the RNN encoder-decoder with attention (seq2seq/attention_rnn.py)."""
+
+    attention: Literal["bahdanau", "luong"]
+
+
+ModelConfig = TransformerConfig | RNNConfig | AttentionRNNConfig
+
+
+class ModelParams(Strict):
+    """One section per family, all validated; `family` picks the one that is built (see `config`).
+
+    Every family keeps its own section, so switching is one line (`-S model.family=rnn`) and a checkpoint
+    stores just the section it was built from.
+    """
+
+    family: Literal["transformer", "rnn", "attention_rnn"]
+    transformer: TransformerConfig
+    rnn: RNNConfig
+    attention_rnn: AttentionRNNConfig
+
+    @property
+    def config(self) -> ModelConfig:
+        """The chosen family's section: what its model class takes."""
+        return {"transformer": self.transformer, "rnn": self.rnn, "attention_rnn": self.attention_rnn}[self.family]
 
 
 class TrainParams(Strict):
@@ -243,17 +285,22 @@ class Params(Strict):
             f"download.datasets.{dataset} has no source for {self.data.pair} (it has: {', '.join(by_pair)})"
         )
 
+    def registered_name(self) -> str:
+        """export.registered_model_name with {src} and {tgt} filled in from data."""
+        return self.export.registered_model_name.format(src=self.data.src_lang, tgt=self.data.tgt_lang)
+
 
 class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the file and key path."""
 
 
+def key_errors(err: ValidationError, prefix: str = "") -> list[str]:
+    """Each error of `err` as "key.path: message", the key path under `prefix`."""
+    return [f"{prefix}{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()]
+
+
 def _format_errors(path: Path, err: ValidationError) -> str:
-    lines = [f"{path}: invalid parameters"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
+    return "\n  ".join([f"{path}: invalid parameters", *key_errors(err)])
 
 
 def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:

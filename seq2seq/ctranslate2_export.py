@@ -105,9 +105,9 @@ def export_ctranslate2(checkpoint: Path, spm: Path, out: Path, quantization: str
     if not isinstance(model, Transformer):
         raise CheckpointError(f"{checkpoint}: CTranslate2 export needs a transformer, not {state['family']}")
     tokenizer = Tokenizer(spm)
-    if tokenizer.vocab_size != model.cfg.vocab_size:
+    if tokenizer.vocab_size != model.vocab_size:
         raise CheckpointError(
-            f"{spm}: {tokenizer.vocab_size} pieces, but {checkpoint} has a vocabulary of {model.cfg.vocab_size}"
+            f"{spm}: {tokenizer.vocab_size} pieces, but {checkpoint} has a vocabulary of {model.vocab_size}"
         )
     pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
     out = Path(out)

@@ -3,7 +3,7 @@
 An LSTM (or GRU, Cho et al. 2014) reads the source; its final state is the context vector that
 initialises a second LSTM which writes the target. Options from the paper and its successors:
 several layers, dropout between layers (Zaremba et al. 2014), a bidirectional encoder (each
-direction gets half of `rnn_hidden`, the two final states are concatenated), and reading the
+direction gets half of `hidden`, the two final states are concatenated), and reading the
 source backwards (Sutskever et al., section 3.3).
 
 `RNNEncoder` and `RNNMemory` are shared with the attention RNN (seq2seq/attention_rnn.py).
@@ -22,22 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from seq2seq.config import RNNConfig
 from seq2seq.cpu import Dropout, Linear
 from seq2seq.tokenizer import PAD_ID
-
-
-@dataclass(frozen=True)
-class RNNConfig:
-    vocab_size: int
-    d_model: int  # embedding width
-    rnn_cell: str  # "lstm" | "gru"
-    rnn_hidden: int
-    rnn_layers: int
-    rnn_bidirectional: bool
-    rnn_reverse_source: bool
-    dropout: float
-    max_positions: int  # longest sequence accepted, as for the Transformer
-    share_embeddings: bool
 
 
 @dataclass
@@ -63,8 +50,6 @@ class RNNMemory:
 
 
 def rnn_class(cell: str) -> type[nn.LSTM] | type[nn.GRU]:
-    if cell not in ("lstm", "gru"):
-        raise ValueError(f"model.rnn_cell: unknown {cell!r}")
     return nn.LSTM if cell == "lstm" else nn.GRU
 
 
@@ -83,13 +68,13 @@ class RNNEncoder(nn.Module):
     def __init__(self, cfg: RNNConfig, embed: nn.Embedding):
         super().__init__()
         self.cfg, self.embed = cfg, embed
-        directions = 2 if cfg.rnn_bidirectional else 1
-        self.rnn = rnn_class(cfg.rnn_cell)(
+        directions = 2 if cfg.bidirectional else 1
+        self.rnn = rnn_class(cfg.cell)(
             cfg.d_model,
-            cfg.rnn_hidden // directions,
-            num_layers=cfg.rnn_layers,
-            dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0,
-            bidirectional=cfg.rnn_bidirectional,
+            cfg.hidden // directions,
+            num_layers=cfg.layers,
+            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
+            bidirectional=cfg.bidirectional,
             batch_first=True,
         )
         self.dropout = Dropout(cfg.dropout)
@@ -99,21 +84,21 @@ class RNNEncoder(nn.Module):
             raise ValueError(f"source of {src.size(1)} tokens exceeds model.max_positions={self.cfg.max_positions}")
         src_mask = src != PAD_ID
         lengths = src_mask.sum(1).clamp(min=1)
-        if self.cfg.rnn_reverse_source:
+        if self.cfg.reverse_source:
             src = reverse_padded(src, lengths)
         x = self.dropout(self.embed(src))
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, state = self.rnn(packed)
         states, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))
-        if self.cfg.rnn_reverse_source:  # attention sees states in source order
+        if self.cfg.reverse_source:  # attention sees states in source order
             states = reverse_padded(states, lengths)
         h, c = state if isinstance(state, tuple) else (state, None)
         return RNNMemory(states, src_mask, self.join_directions(h), None if c is None else self.join_directions(c))
 
     def join_directions(self, h: torch.Tensor) -> torch.Tensor:
         """[L * D, B, H / D] final states -> [B, L, H], forward and backward concatenated per layer."""
-        layers, batch = self.cfg.rnn_layers, h.size(1)
-        directions = 2 if self.cfg.rnn_bidirectional else 1
+        layers, batch = self.cfg.layers, h.size(1)
+        directions = 2 if self.cfg.bidirectional else 1
         h = h.view(layers, directions, batch, -1).permute(2, 0, 1, 3)
         return h.reshape(batch, layers, -1)
 
@@ -129,9 +114,9 @@ def from_rnn_state(state) -> tuple[torch.Tensor, torch.Tensor | None]:
     return h.transpose(0, 1), None if c is None else c.transpose(0, 1)
 
 
-def make_embeddings(cfg: RNNConfig) -> tuple[nn.Embedding, nn.Embedding]:
-    src = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD_ID)
-    return src, src if cfg.share_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD_ID)
+def make_embeddings(cfg: RNNConfig, vocab_size: int) -> tuple[nn.Embedding, nn.Embedding]:
+    src = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD_ID)
+    return src, src if cfg.share_embeddings else nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD_ID)
 
 
 def uniform_init(model: nn.Module) -> None:
@@ -145,22 +130,22 @@ def uniform_init(model: nn.Module) -> None:
 
 
 class RNNSeq2Seq(nn.Module):
-    def __init__(self, cfg: RNNConfig):
+    def __init__(self, cfg: RNNConfig, vocab_size: int):
         super().__init__()
-        self.cfg = cfg
-        self.src_embed, self.tgt_embed = make_embeddings(cfg)
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.src_embed, self.tgt_embed = make_embeddings(cfg, vocab_size)
         self.encoder = RNNEncoder(cfg, self.src_embed)
-        self.decoder = rnn_class(cfg.rnn_cell)(
+        self.decoder = rnn_class(cfg.cell)(
             cfg.d_model,
-            cfg.rnn_hidden,
-            num_layers=cfg.rnn_layers,
-            dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0,
+            cfg.hidden,
+            num_layers=cfg.layers,
+            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
             batch_first=True,
         )
         self.dropout = Dropout(cfg.dropout)
         # the output layer reuses the embedding matrix when shared, so it reads d_model-sized vectors
-        self.out_proj = Linear(cfg.rnn_hidden, cfg.d_model, bias=False)
-        self.generator = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.out_proj = Linear(cfg.hidden, cfg.d_model, bias=False)
+        self.generator = Linear(cfg.d_model, vocab_size, bias=False)
         uniform_init(self)
         if cfg.share_embeddings:
             self.generator.weight = self.tgt_embed.weight

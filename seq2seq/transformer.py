@@ -21,23 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq.config import TransformerConfig
 from seq2seq.cpu import Dropout, Linear
 from seq2seq.tokenizer import PAD_ID
-
-
-@dataclass(frozen=True)
-class TransformerConfig:
-    vocab_size: int
-    d_model: int
-    n_heads: int
-    n_encoder_layers: int
-    n_decoder_layers: int
-    d_ff: int
-    dropout: float
-    max_positions: int
-    share_embeddings: bool
-    pre_norm: bool
-    positions: str  # "sinusoidal" | "learned"
 
 
 @dataclass
@@ -203,26 +189,24 @@ def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, vocab_size: int):
         super().__init__()
-        self.cfg = cfg
-        self.src_embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.src_embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD_ID)
         # Section 3.4: with a joint vocabulary, source, target and output embeddings are one matrix.
         self.tgt_embed = (
-            self.src_embed if cfg.share_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD_ID)
+            self.src_embed if cfg.share_embeddings else nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD_ID)
         )
         if cfg.positions == "learned":
             self.positions = nn.Parameter(torch.zeros(cfg.max_positions, cfg.d_model))
-        elif cfg.positions == "sinusoidal":
-            self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
         else:
-            raise ValueError(f"model.positions: unknown {cfg.positions!r}")
+            self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         # pre-norm leaves the residual stream unnormalised, so each stack ends with a LayerNorm
         norm = nn.LayerNorm if cfg.pre_norm else nn.Identity
         self.encoder_norm, self.decoder_norm = norm(cfg.d_model), norm(cfg.d_model)
-        self.generator = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.generator = Linear(cfg.d_model, vocab_size, bias=False)
         self.dropout = Dropout(cfg.dropout)
         self.reset_parameters()
         if cfg.share_embeddings:

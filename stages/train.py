@@ -115,7 +115,7 @@ def run_key(params: Params, data_dir: Path, world: int) -> tuple[str, dict[str, 
     shape = {
         "pair": params.data.pair,
         "world_size": world,  # each process's share of the batches depends on it
-        "model": params.model.model_dump(),
+        "model": {"family": params.model.family, "config": params.model.config.model_dump()},
         "train": params.train.model_dump(exclude=NOT_IN_RUN_KEY),
         "data_meta_sha256": hashlib.sha256(meta).hexdigest(),
     }
@@ -234,7 +234,7 @@ def train(
     dev = load_split(data_dir, "dev", langs)
     tokenizer = Tokenizer(data_dir / "spm.model") if p.eval_bleu_sentences else None
     # Pairs longer than train.max_len (or the model's max_positions) are skipped and counted, never silently.
-    max_len = min(p.max_len, params.model.max_positions - 1)
+    max_len = min(p.max_len, params.model.config.max_positions - 1)
     usable = np.flatnonzero((train_src.lengths <= max_len) & (train_tgt.lengths <= max_len))
     skipped = len(train_src) - len(usable)
     if len(usable) == 0:
@@ -338,7 +338,7 @@ def train(
         )
 
     def save(path: Path, **extra: Any) -> None:
-        save_checkpoint(path, raw_model, params.model.family, step, vocab_size=vocab_size, **extra)
+        save_checkpoint(path, raw_model, params.model.family, step, **extra)
 
     def flush_losses(rows: list) -> list[tuple[int, float, float, int]]:
         """Append pending (step, loss tensor, lr, tokens) rows to losses.tsv (one device sync); returns them."""

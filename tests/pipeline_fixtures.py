@@ -90,7 +90,9 @@ def tiny_params(mirror: Path) -> dict[str, Any]:
     raw["data"].update(train=["toy_train"], dev="toy_dev", test=["toy_test"])
     raw["download"].update(mirror=str(mirror), retries=0)
     raw["tokenize"].update(vocab_size=120, input_sentence_size=0)
-    raw["model"].update(d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=64, max_positions=64)
+    raw["model"]["transformer"].update(d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=64)
+    for family in ("transformer", "rnn", "attention_rnn"):
+        raw["model"][family].update(d_model=32, max_positions=64)
     raw["train"].update(
         max_tokens=600, max_steps=40, max_minutes=5, lr=0.003, warmup_steps=10, log_every=10, max_len=60, threads=1
     )

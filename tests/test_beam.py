@@ -160,8 +160,12 @@ def test_every_family_decodes_through_the_shared_interface(family: str) -> None:
     """Untrained tiny models of each family: beam 1 is greedy, and beam scores are the model's log-probs
     (which only holds if the family's reorder_cache follows the hypotheses)."""
     raw = committed_params()["model"]
-    raw.update(family=family, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=32)
-    raw.update(rnn_hidden=16, rnn_layers=2, dropout=0.0, max_positions=64)
+    raw["family"] = family
+    raw["transformer"].update(n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=32)
+    for section in ("rnn", "attention_rnn"):
+        raw[section].update(hidden=16, layers=2)
+    for section in ("transformer", "rnn", "attention_rnn"):
+        raw[section].update(d_model=16, dropout=0.0, max_positions=64)
     torch.manual_seed(0)
     model = build_model(ModelParams.model_validate(raw), vocab_size=30).eval()
     sources = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18]]

@@ -39,7 +39,7 @@ def test_committed_params_and_presets_are_valid() -> None:
     [
         ("train.lr", -1.0, "train.lr"),  # range
         ("train.max_steps", "many", "train.max_steps"),  # type
-        ("model.n_heads", 7, "model"),  # d_model not divisible by heads
+        ("model.transformer.n_heads", 7, "model.transformer"),  # d_model not divisible by heads
         ("clean.normalization", "NFX", "clean.normalization"),
         ("data.src_lang", "English", "data.src_lang"),
         ("tokenize.vocab_size", 10, "tokenize.vocab_size"),

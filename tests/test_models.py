@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,49 +9,51 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.checkpoint import CheckpointError, load_model, save_checkpoint
-from seq2seq.config import parse_params
-from seq2seq.models import FAMILIES, build_model, model_config
+from seq2seq.config import ModelParams, parse_params
+from seq2seq.models import FAMILIES, build_model
 from seq2seq.tokenizer import PAD_ID
 from tests.pipeline_fixtures import committed_params
 
 VOCAB = 50
-TINY = {"d_model": 16, "n_heads": 2, "n_encoder_layers": 2, "n_decoder_layers": 2, "d_ff": 32, "max_positions": 32}
-TINY_RNN = {"rnn_hidden": 16, "rnn_layers": 2}
+TINY = {
+    "transformer": {"d_model": 16, "n_heads": 2, "n_encoder_layers": 2, "n_decoder_layers": 2, "d_ff": 32},
+    "rnn": {"d_model": 16, "hidden": 16, "layers": 2},
+    "attention_rnn": {"d_model": 16, "hidden": 16, "layers": 2},
+}
 VARIANTS = {
-    "transformer-prenorm-sinusoidal": {"family": "transformer", "pre_norm": True, "positions": "sinusoidal"},
-    "transformer-postnorm-learned": {
-        "family": "transformer",
-        "pre_norm": False,
-        "positions": "learned",
-        "share_embeddings": False,
-    },
-    "rnn-lstm-bidirectional-reversed": {
-        "family": "rnn",
-        "rnn_cell": "lstm",
-        "rnn_bidirectional": True,
-        "rnn_reverse_source": True,
-    },
-    "rnn-gru": {"family": "rnn", "rnn_cell": "gru", "rnn_bidirectional": False, "share_embeddings": False},
-    "attention-bahdanau-gru": {"family": "attention_rnn", "attention": "bahdanau", "rnn_cell": "gru"},
-    "attention-luong-lstm-reversed": {
-        "family": "attention_rnn",
-        "attention": "luong",
-        "rnn_cell": "lstm",
-        "rnn_reverse_source": True,
-    },
+    "transformer-prenorm-sinusoidal": ("transformer", {"pre_norm": True, "positions": "sinusoidal"}),
+    "transformer-postnorm-learned": (
+        "transformer",
+        {"pre_norm": False, "positions": "learned", "share_embeddings": False},
+    ),
+    "rnn-lstm-bidirectional-reversed": ("rnn", {"cell": "lstm", "bidirectional": True, "reverse_source": True}),
+    "rnn-gru": ("rnn", {"cell": "gru", "bidirectional": False, "share_embeddings": False}),
+    "attention-bahdanau-gru": ("attention_rnn", {"attention": "bahdanau", "cell": "gru"}),
+    "attention-luong-lstm-reversed": (
+        "attention_rnn",
+        {"attention": "luong", "cell": "lstm", "reverse_source": True},
+    ),
 }
 
 
 @pytest.fixture(scope="module")
-def base_params():
+def base_params() -> ModelParams:
     return parse_params(committed_params()).model
+
+
+def tiny(base: ModelParams, family: str, **changes: object) -> ModelParams:
+    """`base` with `family` chosen and its section shrunk to a tiny model (max_positions 32), plus `changes`."""
+    raw = base.model_dump()
+    raw["family"] = family
+    raw[family].update(TINY[family], max_positions=32, **changes)
+    return ModelParams.model_validate(raw)
 
 
 @pytest.fixture(params=list(VARIANTS), scope="module")
 def model(request, base_params):
     torch.manual_seed(0)
-    params = base_params.model_copy(update={**TINY, **TINY_RNN, **VARIANTS[request.param]})
-    return build_model(params, VOCAB).eval()
+    family, changes = VARIANTS[request.param]
+    return build_model(tiny(base_params, family, **changes), VOCAB).eval()
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +137,7 @@ def test_checkpoint_round_trip(model, tmp_path: Path) -> None:
 @torch.no_grad()
 def test_transformer_checkpoint_from_before_the_fused_projections_loads(base_params) -> None:
     torch.manual_seed(0)
-    model = build_model(base_params.model_copy(update=TINY), VOCAB).eval()
+    model = build_model(tiny(base_params, "transformer"), VOCAB).eval()
     old = {}  # the layout of earlier checkpoints: separate q/k/v projections
     for name, tensor in model.state_dict().items():
         for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("kv_proj", ("k_proj", "v_proj"))):
@@ -147,7 +148,7 @@ def test_transformer_checkpoint_from_before_the_fused_projections_loads(base_par
         else:
             old[name] = tensor
     assert not any("qkv_proj" in n or "kv_proj" in n for n in old)
-    loaded = build_model(base_params.model_copy(update=TINY), VOCAB).eval()
+    loaded = build_model(tiny(base_params, "transformer"), VOCAB).eval()
     loaded.load_state_dict(old)
     src, tgt_in = batch()
     torch.testing.assert_close(loaded(src, tgt_in), model(src, tgt_in))
@@ -161,17 +162,14 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(model, tmp_path: Path
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"model\.pt"):
         load_model(path)
-    torch.save({"format": 1, "family": family, "config": {"vocab_size": 3}, "model": {}, "step": 0}, path)
-    with pytest.raises(CheckpointError, match="config does not fit"):
+    torch.save({"format": 2, "family": family, "config": {"d_model": 3}, "vocab_size": 3, "model": {}}, path)
+    with pytest.raises(CheckpointError, match=r"model\.pt: its config does not fit .*d_model"):
         load_model(path)
 
 
-def test_model_config_takes_every_field_from_params(base_params) -> None:
-    for family, (config_class, _) in FAMILIES.items():
-        cfg = model_config(base_params.model_copy(update={"family": family}), VOCAB)
-        assert isinstance(cfg, config_class) and cfg.vocab_size == VOCAB
-        assert all(
-            getattr(cfg, f.name) == getattr(base_params, f.name)
-            for f in dataclasses.fields(cfg)
-            if f.name != "vocab_size"
-        )
+def test_each_family_is_built_from_its_own_section(base_params) -> None:
+    for family, (config_class, model_class) in FAMILIES.items():
+        params = base_params.model_copy(update={"family": family})
+        model = build_model(params, VOCAB)
+        assert isinstance(model, model_class) and isinstance(model.cfg, config_class)
+        assert model.cfg is getattr(base_params, family) and model.vocab_size == VOCAB

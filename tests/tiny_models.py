@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from seq2seq.config import TransformerConfig
 from seq2seq.data import pad_batch
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_sentencepiece
-from seq2seq.transformer import Transformer, TransformerConfig
+from seq2seq.transformer import Transformer
 from tests.pipeline_fixtures import toy_pair
 
 
@@ -31,7 +32,6 @@ def toy_tokenizer(directory: Path, pairs: list[tuple[str, str]]) -> Tokenizer:
 def tiny_transformer(vocab_size: int, seed: int, max_positions: int = 64) -> Transformer:
     torch.manual_seed(seed)
     cfg = TransformerConfig(
-        vocab_size=vocab_size,
         d_model=32,
         n_heads=2,
         n_encoder_layers=1,
@@ -43,7 +43,7 @@ def tiny_transformer(vocab_size: int, seed: int, max_positions: int = 64) -> Tra
         pre_norm=True,
         positions="sinusoidal",
     )
-    return Transformer(cfg).eval()
+    return Transformer(cfg, vocab_size).eval()
 
 
 def train_tiny(
