@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from same_size import demo_size_config, marian_same_size  # bench/ is on sys.path when run as a script
 
+from seq2seq import cpu
 from seq2seq.beam import beam_search
 from seq2seq.config import TransformerConfig
 from seq2seq.data import pad_batch
@@ -166,7 +167,7 @@ def main() -> None:
         from seq2seq.textio import read_lines
         from seq2seq.tokenizer import Tokenizer
 
-        model, _ = load_model(args.checkpoint, "cpu")
+        model = cpu.accelerate(load_model(args.checkpoint, "cpu")[0])  # as evaluate and nmt-translate do
         cfg, vocab_size = model.cfg, model.vocab_size
         lines = [line for line in read_lines(args.source) if line.strip()][: args.sentences]
         sources = [s[: cfg.max_positions - 1] for s in Tokenizer(args.spm).encode(lines)]
@@ -174,7 +175,7 @@ def main() -> None:
     else:
         cfg, vocab_size = demo_size_config(args.d_model, args.heads, args.layers, args.d_ff, dropout=0.0), args.vocab
         torch.manual_seed(0)
-        ours = Probe(Transformer(cfg, vocab_size).eval(), ban_eos=True)
+        ours = Probe(cpu.accelerate(Transformer(cfg, vocab_size)).eval(), ban_eos=True)
         sources = make_sources(args.sentences, args.vocab, seed=0)
     peer = marian_like(cfg, vocab_size)
     n_ours = sum(p.numel() for p in ours.parameters())

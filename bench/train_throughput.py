@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from same_size import demo_size_config, marian_same_size  # bench/ is on sys.path when run as a script
 
+from seq2seq import cpu
 from seq2seq.data import pad_batch, token_batches
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from seq2seq.transformer import Transformer
@@ -44,7 +45,8 @@ def make_batches(n_sentences: int, max_tokens: int, vocab: int, n_batches: int, 
 
 
 def ours(args) -> torch.nn.Module:
-    model = Transformer(demo_size_config(args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1), args.vocab)
+    cfg = demo_size_config(args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1)
+    model = cpu.accelerate(Transformer(cfg, args.vocab))  # the CPU fast paths, as the train stage uses them
     return lambda src, tgt_in: model(src, tgt_in), model
 
 

@@ -21,8 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.config import AttentionRNNConfig
-from seq2seq.cpu import Dropout, Linear
-from seq2seq.rnn import RNNEncoder, RNNMemory, from_rnn_state, make_embeddings, rnn_class, to_rnn_state, uniform_init
+from seq2seq.rnn import (
+    OutputLayer,
+    RNNEncoder,
+    RNNEncoderDecoder,
+    RNNMemory,
+    make_embeddings,
+    stacked_rnn,
+    store_rnn_state,
+    to_rnn_state,
+    uniform_init,
+)
 
 
 class AdditiveAttention(nn.Module):
@@ -31,9 +40,9 @@ class AdditiveAttention(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
         self.W, self.U, self.v = (
-            Linear(hidden, hidden, bias=False),
-            Linear(hidden, hidden),
-            Linear(hidden, 1, bias=False),
+            nn.Linear(hidden, hidden, bias=False),
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, 1, bias=False),
         )
 
     def keys(self, states: torch.Tensor) -> torch.Tensor:
@@ -48,7 +57,7 @@ class GeneralAttention(nn.Module):
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.W_a = Linear(hidden, hidden, bias=False)
+        self.W_a = nn.Linear(hidden, hidden, bias=False)
 
     def keys(self, states: torch.Tensor) -> torch.Tensor:
         return self.W_a(states)
@@ -57,7 +66,7 @@ class GeneralAttention(nn.Module):
         return torch.bmm(keys, query[:, :, None]).squeeze(2)
 
 
-class AttentionRNN(nn.Module):
+class AttentionRNN(RNNEncoderDecoder):
     def __init__(self, cfg: AttentionRNNConfig, vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
@@ -67,26 +76,13 @@ class AttentionRNN(nn.Module):
         self.encoder = RNNEncoder(cfg, self.src_embed)
         self.attention = AdditiveAttention(hidden) if cfg.attention == "bahdanau" else GeneralAttention(hidden)
         # input: the previous token's embedding plus c_t (Bahdanau) or h~_{t-1} (Luong's input feeding)
-        self.decoder = rnn_class(cfg.cell)(
-            cfg.d_model + hidden,
-            hidden,
-            num_layers=cfg.layers,
-            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
-            batch_first=True,
-        )
-        self.W_c = Linear(2 * hidden, hidden, bias=False)
-        self.dropout = Dropout(cfg.dropout)
-        self.out_proj = Linear(hidden, cfg.d_model, bias=False)
-        self.generator = Linear(cfg.d_model, vocab_size, bias=False)
+        self.decoder = stacked_rnn(cfg, cfg.d_model + hidden, hidden)
+        self.W_c = nn.Linear(2 * hidden, hidden, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.output = OutputLayer(cfg, vocab_size)
         uniform_init(self)
         if cfg.share_embeddings:
-            self.generator.weight = self.tgt_embed.weight
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def encode(self, src: torch.Tensor) -> RNNMemory:
-        return self.encoder(src)
+            self.output.generator.weight = self.tgt_embed.weight
 
     def context(self, query: torch.Tensor, keys: torch.Tensor, memory: RNNMemory) -> torch.Tensor:
         """c_t = sum_j a_tj h_j with a_t = softmax over the real (non-padding) source positions."""
@@ -106,12 +102,8 @@ class AttentionRNN(nn.Module):
             h_t = out[:, 0]
         return torch.tanh(self.W_c(torch.cat([c_t, h_t], dim=1))), state
 
-    def logits(self, attentional: torch.Tensor) -> torch.Tensor:
-        return self.generator(self.out_proj(self.dropout(attentional)))
-
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        if tgt_in.size(1) > self.cfg.max_positions:
-            raise ValueError(f"target of {tgt_in.size(1)} tokens exceeds model.max_positions")
+        self.check_target_length(tgt_in)
         memory = self.encode(src)
         keys = self.attention.keys(memory.states)
         state = to_rnn_state(memory.h, memory.c)
@@ -121,10 +113,7 @@ class AttentionRNN(nn.Module):
         for t in range(tgt_in.size(1)):
             feed, state = self.step(embedded[:, t], memory, keys, state, feed)
             outputs.append(feed)
-        return self.logits(torch.stack(outputs, dim=1))
-
-    def init_cache(self) -> dict[str, torch.Tensor]:
-        return {}
+        return self.output(torch.stack(outputs, dim=1))
 
     def decode_step(
         self, prev: torch.Tensor, memory: RNNMemory, cache: dict[str, torch.Tensor]
@@ -137,12 +126,6 @@ class AttentionRNN(nn.Module):
             cache["feed"] = memory.states.new_zeros(prev.size(0), self.cfg.hidden)
         state = to_rnn_state(cache["h"], cache.get("c"))
         feed, state = self.step(self.dropout(self.tgt_embed(prev)), memory, cache["keys"], state, cache["feed"])
-        cache["h"], c = from_rnn_state(state)
-        if c is not None:
-            cache["c"] = c
+        store_rnn_state(cache, state)
         cache["feed"] = feed
-        return F.log_softmax(self.logits(feed).float(), dim=-1), cache
-
-    @staticmethod
-    def reorder_cache(cache: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v.index_select(0, index) for k, v in cache.items()}
+        return F.log_softmax(self.output(feed).float(), dim=-1), cache

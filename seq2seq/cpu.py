@@ -1,8 +1,11 @@
 """Two CPU fast paths for training and decoding: the dropout mask and the fp32 matrix product.
 
-Both replace a torch default that is slow on the CPU, and both are plain `nn.Dropout` / `nn.Linear`
-(same parameters, same state dict, same results up to float rounding) everywhere else: on CUDA, under
-autocast, in half precision, and under torch.compile.
+The model files use plain `nn.Linear` and `nn.Dropout`; `accelerate(model)` swaps those modules, in a built
+model and in place, for `Linear` and `Dropout` below. They have the same parameters and state dict and give
+the same results up to float rounding, and they are plain `nn.Linear` / `nn.Dropout` everywhere the fast
+paths do not apply: on CUDA, under autocast, in half precision, and under torch.compile. So the training
+recipe, evaluation, translation, serving and the benchmarks call `accelerate` on every model they build or
+load, whatever the device.
 
 Dropout. torch draws one Bernoulli sample per element from the Mersenne Twister; that took about 14% of a
 Transformer training step on two cores (bench/train_throughput.py under torch.profiler). Here each element
@@ -130,3 +133,17 @@ class Linear(nn.Linear):
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in super().__getstate__().items() if k != "_packed"}  # oneDNN tensors don't pickle
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Give every nn.Linear and nn.Dropout of `model` the CPU fast path, in place; returns `model`.
+
+    Only each module's class changes: its parameters (shared ones stay shared), buffers, state-dict keys and
+    hooks are the same objects, so this may come before or after loading weights, and draws no random numbers.
+    """
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Linear
+        elif type(module) is nn.Dropout:
+            module.__class__ = Dropout
+    return model

@@ -6,7 +6,8 @@ several layers, dropout between layers (Zaremba et al. 2014), a bidirectional en
 direction gets half of `hidden`, the two final states are concatenated), and reading the
 source backwards (Sutskever et al., section 3.3).
 
-`RNNEncoder` and `RNNMemory` are shared with the attention RNN (seq2seq/attention_rnn.py).
+The attention RNN (seq2seq/attention_rnn.py) shares the encoder (`RNNEncoder`, `RNNMemory`), the output
+layer (`OutputLayer`) and the decoding methods (`RNNEncoderDecoder`) defined here.
 Interface shared with every family (see seq2seq/transformer.py):
   encode(src) -> RNNMemory;  init_cache() -> {};  decode_step(prev, memory, cache) -> (log_probs, cache)
   reorder_cache(cache, index);  forward(src, tgt_in) -> logits
@@ -23,7 +24,6 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import RNNConfig
-from seq2seq.cpu import Dropout, Linear
 from seq2seq.tokenizer import PAD_ID
 
 
@@ -49,8 +49,17 @@ class RNNMemory:
         )
 
 
-def rnn_class(cell: str) -> type[nn.LSTM] | type[nn.GRU]:
-    return nn.LSTM if cell == "lstm" else nn.GRU
+def stacked_rnn(cfg: RNNConfig, input_size: int, hidden: int, bidirectional: bool = False) -> nn.LSTM | nn.GRU:
+    """cfg.layers of LSTM or GRU cells, batch first, with dropout between layers (Zaremba et al. 2014)."""
+    rnn_class = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+    return rnn_class(
+        input_size,
+        hidden,
+        num_layers=cfg.layers,
+        dropout=cfg.dropout if cfg.layers > 1 else 0.0,
+        bidirectional=bidirectional,
+        batch_first=True,
+    )
 
 
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -69,15 +78,8 @@ class RNNEncoder(nn.Module):
         super().__init__()
         self.cfg, self.embed = cfg, embed
         directions = 2 if cfg.bidirectional else 1
-        self.rnn = rnn_class(cfg.cell)(
-            cfg.d_model,
-            cfg.hidden // directions,
-            num_layers=cfg.layers,
-            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
-            bidirectional=cfg.bidirectional,
-            batch_first=True,
-        )
-        self.dropout = Dropout(cfg.dropout)
+        self.rnn = stacked_rnn(cfg, cfg.d_model, cfg.hidden // directions, bidirectional=cfg.bidirectional)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, src: torch.Tensor) -> RNNMemory:
         if src.size(1) > self.cfg.max_positions:
@@ -103,15 +105,32 @@ class RNNEncoder(nn.Module):
         return h.reshape(batch, layers, -1)
 
 
+class OutputLayer(nn.Module):
+    """From decoder outputs [..., hidden] to vocabulary logits: dropout, a projection to the embedding
+    width (so that the generator can be the target embedding matrix when embeddings are shared), generator."""
+
+    def __init__(self, cfg: RNNConfig, vocab_size: int):
+        super().__init__()
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+        self.generator = nn.Linear(cfg.d_model, vocab_size, bias=False)
+
+    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
+        return self.generator(self.out_proj(self.dropout(outputs)))
+
+
 def to_rnn_state(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Batch-first [B, L, H] -> what nn.LSTM/nn.GRU take as the initial state ([L, B, H])."""
     h = h.transpose(0, 1).contiguous()
     return h if c is None else (h, c.transpose(0, 1).contiguous())
 
 
-def from_rnn_state(state) -> tuple[torch.Tensor, torch.Tensor | None]:
+def store_rnn_state(cache: dict[str, torch.Tensor], state) -> None:
+    """Keep nn.LSTM/nn.GRU's final state in `cache` as batch-first `h` (and `c` for an LSTM)."""
     h, c = state if isinstance(state, tuple) else (state, None)
-    return h.transpose(0, 1), None if c is None else c.transpose(0, 1)
+    cache["h"] = h.transpose(0, 1)
+    if c is not None:
+        cache["c"] = c.transpose(0, 1)
 
 
 def make_embeddings(cfg: RNNConfig, vocab_size: int) -> tuple[nn.Embedding, nn.Embedding]:
@@ -129,45 +148,50 @@ def uniform_init(model: nn.Module) -> None:
                 m.weight[m.padding_idx].zero_()
 
 
-class RNNSeq2Seq(nn.Module):
+class RNNEncoderDecoder(nn.Module):
+    """The methods both RNN families share. Each family builds its own modules in __init__: the order they
+    are built in fixes the random initial weights for a given seed."""
+
+    cfg: RNNConfig
+    encoder: RNNEncoder
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_target_length(self, tgt_in: torch.Tensor) -> None:
+        if tgt_in.size(1) > self.cfg.max_positions:
+            raise ValueError(f"target of {tgt_in.size(1)} tokens exceeds model.max_positions")
+
+    def encode(self, src: torch.Tensor) -> RNNMemory:
+        return self.encoder(src)
+
+    def init_cache(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    @staticmethod
+    def reorder_cache(cache: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Select batch rows of every cached tensor (for beam search / dropping finished rows)."""
+        return {k: v.index_select(0, index) for k, v in cache.items()}
+
+
+class RNNSeq2Seq(RNNEncoderDecoder):
     def __init__(self, cfg: RNNConfig, vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.src_embed, self.tgt_embed = make_embeddings(cfg, vocab_size)
         self.encoder = RNNEncoder(cfg, self.src_embed)
-        self.decoder = rnn_class(cfg.cell)(
-            cfg.d_model,
-            cfg.hidden,
-            num_layers=cfg.layers,
-            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
-            batch_first=True,
-        )
-        self.dropout = Dropout(cfg.dropout)
-        # the output layer reuses the embedding matrix when shared, so it reads d_model-sized vectors
-        self.out_proj = Linear(cfg.hidden, cfg.d_model, bias=False)
-        self.generator = Linear(cfg.d_model, vocab_size, bias=False)
+        self.decoder = stacked_rnn(cfg, cfg.d_model, cfg.hidden)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.output = OutputLayer(cfg, vocab_size)
         uniform_init(self)
         if cfg.share_embeddings:
-            self.generator.weight = self.tgt_embed.weight
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def encode(self, src: torch.Tensor) -> RNNMemory:
-        return self.encoder(src)
-
-    def logits(self, outputs: torch.Tensor) -> torch.Tensor:
-        return self.generator(self.out_proj(self.dropout(outputs)))
+            self.output.generator.weight = self.tgt_embed.weight
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        if tgt_in.size(1) > self.cfg.max_positions:
-            raise ValueError(f"target of {tgt_in.size(1)} tokens exceeds model.max_positions")
+        self.check_target_length(tgt_in)
         memory = self.encode(src)
         outputs, _ = self.decoder(self.dropout(self.tgt_embed(tgt_in)), to_rnn_state(memory.h, memory.c))
-        return self.logits(outputs)
-
-    def init_cache(self) -> dict[str, torch.Tensor]:
-        return {}
+        return self.output(outputs)
 
     def decode_step(
         self, prev: torch.Tensor, memory: RNNMemory, cache: dict[str, torch.Tensor]
@@ -175,11 +199,5 @@ class RNNSeq2Seq(nn.Module):
         """Log-probabilities [B, V] of the next token given the last one `prev` [B]."""
         h, c = (cache["h"], cache.get("c")) if cache else (memory.h, memory.c)
         out, state = self.decoder(self.dropout(self.tgt_embed(prev[:, None])), to_rnn_state(h, c))
-        cache["h"], c = from_rnn_state(state)
-        if c is not None:
-            cache["c"] = c
-        return F.log_softmax(self.logits(out[:, -1]).float(), dim=-1), cache
-
-    @staticmethod
-    def reorder_cache(cache: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v.index_select(0, index) for k, v in cache.items()}
+        store_rnn_state(cache, state)
+        return F.log_softmax(self.output(out[:, -1]).float(), dim=-1), cache

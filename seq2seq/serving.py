@@ -15,11 +15,12 @@ class Translator(mlflow.pyfunc.PythonModel):
     """Loads the checkpoint and tokenizer bundled as artifacts; `predict` translates a list of sentences."""
 
     def load_context(self, context: Any) -> None:
+        from seq2seq import cpu
         from seq2seq.checkpoint import load_model
         from seq2seq.tokenizer import Tokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, _ = load_model(Path(context.artifacts["checkpoint"]), self.device)
+        self.model = cpu.accelerate(load_model(Path(context.artifacts["checkpoint"]), self.device)[0])
         self.tokenizer = Tokenizer(context.artifacts["tokenizer"])
         self.decoding = json.loads(Path(context.artifacts["decoding"]).read_text())
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.config import TransformerConfig
-from seq2seq.cpu import Dropout, Linear
 from seq2seq.tokenizer import PAD_ID
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # each [B, H, S, Dh]
 
 
 @dataclass
@@ -32,10 +33,10 @@ class Memory:
 
     states: torch.Tensor
     src_mask: torch.Tensor
-    # Per decoder layer, the cross-attention keys and values of `states`, projected on the first
-    # decode_step. They live here, not in the per-step cache, because beam search reorders the cache
-    # every step but the memory only when sentences leave the batch: all beams of a sentence share them.
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Per decoder layer, the cross-attention keys and values of `states`, projected once (Transformer.cross_kv).
+    # They live here, not in the per-step cache, because beam search reorders the cache every step but the
+    # memory only when sentences leave the batch: all beams of a sentence share them.
+    cross_kv: list[KeysValues] | None = None
 
     def index_select(self, index: torch.Tensor) -> Memory:
         cross_kv = None
@@ -52,37 +53,24 @@ class MultiHeadAttention(nn.Module):
     decoder and keys/values from the encoder, so it keeps W^Q apart and fuses W^K with W^V.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, cross: bool):
+    def __init__(self, cfg: TransformerConfig, cross: bool):
         super().__init__()
-        self.n_heads, self.d_head, self.cross = n_heads, d_model // n_heads, cross
+        d_model = cfg.d_model
+        self.heads, self.d_head, self.cross = cfg.n_heads, d_model // cfg.n_heads, cross
         if cross:
-            self.q_proj, self.kv_proj = Linear(d_model, d_model), Linear(d_model, 2 * d_model)
+            self.q_proj, self.kv_proj = nn.Linear(d_model, d_model), nn.Linear(d_model, 2 * d_model)
         else:
-            self.qkv_proj = Linear(d_model, 3 * d_model)
-        self.out_proj = Linear(d_model, d_model)
-        self.dropout = dropout
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        """Checkpoints written before the projections were fused hold q_proj, k_proj and v_proj apart."""
-        fused, parts = ("kv_proj", ("k_proj", "v_proj")) if self.cross else ("qkv_proj", ("q_proj", "k_proj", "v_proj"))
-        if f"{prefix}k_proj.weight" in state_dict:
-            for kind in ("weight", "bias"):
-                state_dict[f"{prefix}{fused}.{kind}"] = torch.cat(
-                    [state_dict.pop(f"{prefix}{p}.{kind}") for p in parts]
-                )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = cfg.dropout
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # [B, H, T, Dh]
+        return x.view(b, t, self.heads, self.d_head).transpose(1, 2)  # [B, H, T, Dh]
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Self-attention: queries, keys and values of x, split into heads."""
-        return tuple(self.split_heads(part) for part in self.qkv_proj(x).chunk(3, dim=-1))
-
-    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(self, states: torch.Tensor) -> KeysValues:
         """Cross-attention: keys and values of the encoder states, split into heads."""
-        return tuple(self.split_heads(part) for part in self.kv_proj(memory).chunk(2, dim=-1))
+        return tuple(self.split_heads(part) for part in self.kv_proj(states).chunk(2, dim=-1))
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False
@@ -95,20 +83,33 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor | None, mask: torch.Tensor | None, is_causal: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Self-attention over x (memory None), or cross-attention from x to the encoder's memory."""
-        if self.cross:
-            return self.attend(self.split_heads(self.q_proj(x)), *self.project_kv(memory), mask)
-        return self.attend(*self.project_qkv(x), mask, is_causal)
+        """Self-attention over x. With a `cache` (decoding one position at a time), x's keys and values are
+        appended to those of the earlier positions kept there, and x attends to all of them."""
+        q, k, v = (self.split_heads(part) for part in self.qkv_proj(x).chunk(3, dim=-1))
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        return self.attend(q, k, v, mask, is_causal)
+
+    def to_memory(self, x: torch.Tensor, kv: KeysValues, src_mask: torch.Tensor) -> torch.Tensor:
+        """Cross-attention: queries from x, keys and values of the encoder states (`project_kv`)."""
+        return self.attend(self.split_heads(self.q_proj(x)), *kv, src_mask)
 
 
 class FeedForward(nn.Module):
     """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.w1, self.w2, self.dropout = Linear(d_model, d_ff), Linear(d_ff, d_model), Dropout(dropout)
+        self.w1, self.w2 = nn.Linear(cfg.d_model, cfg.d_ff), nn.Linear(cfg.d_ff, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.dropout(F.relu(self.w1(x))))
@@ -117,9 +118,9 @@ class FeedForward(nn.Module):
 class Sublayer(nn.Module):
     """Residual connection with LayerNorm around a sublayer: pre-norm x + f(LN(x)) or post-norm LN(x + f(x))."""
 
-    def __init__(self, d_model: int, dropout: float, pre_norm: bool):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), Dropout(dropout), pre_norm
+        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(cfg.d_model), nn.Dropout(cfg.dropout), cfg.pre_norm
 
     def forward(self, x: torch.Tensor, f) -> torch.Tensor:
         if self.pre_norm:
@@ -130,51 +131,39 @@ class Sublayer(nn.Module):
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cross=False)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.sub1, self.sub2 = (Sublayer(cfg.d_model, cfg.dropout, cfg.pre_norm) for _ in range(2))
+        self.self_attn = MultiHeadAttention(cfg, cross=False)
+        self.ffn = FeedForward(cfg)
+        self.sub1, self.sub2 = Sublayer(cfg), Sublayer(cfg)
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
-        x = self.sub1(x, lambda h: self.self_attn(h, None, src_mask))
+        x = self.sub1(x, lambda h: self.self_attn(h, src_mask))
         return self.sub2(x, self.ffn)
 
 
 class DecoderLayer(nn.Module):
+    """Section 3.1: masked self-attention, attention over the encoder output, feed-forward.
+
+    One path for training and decoding: teacher forcing passes the whole target [B, T, D] and no cache, so
+    a causal mask hides later positions; decoding passes only the newest position [B, 1, D] with this
+    layer's cache of the earlier positions' keys and values, which may all be seen.
+    """
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cross=False)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cross=True)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.sub1, self.sub2, self.sub3 = (Sublayer(cfg.d_model, cfg.dropout, cfg.pre_norm) for _ in range(3))
+        self.self_attn = MultiHeadAttention(cfg, cross=False)
+        self.cross_attn = MultiHeadAttention(cfg, cross=True)
+        self.ffn = FeedForward(cfg)
+        self.sub1, self.sub2, self.sub3 = Sublayer(cfg), Sublayer(cfg), Sublayer(cfg)
 
-    def forward(self, y: torch.Tensor, memory: Memory) -> torch.Tensor:
-        """Teacher forcing over the whole target: causal self-attention."""
-        y = self.sub1(y, lambda h: self.self_attn(h, None, None, is_causal=True))
-        y = self.sub2(y, lambda h: self.cross_attn(h, memory.states, memory.src_mask))
-        return self.sub3(y, self.ffn)
-
-    def step(
+    def forward(
         self,
         y: torch.Tensor,
-        memory: Memory,
-        cache: dict[str, torch.Tensor],
-        cross_kv: tuple[torch.Tensor, torch.Tensor],
+        src_mask: torch.Tensor,
+        cross_kv: KeysValues,
+        cache: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One new target position [B, 1, D]; `cache` holds this layer's self-attention keys/values so far."""
-
-        def self_attention(h: torch.Tensor) -> torch.Tensor:
-            q, k, v = self.self_attn.project_qkv(h)
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-            return self.self_attn.attend(q, k, v, None)
-
-        def cross_attention(h: torch.Tensor) -> torch.Tensor:
-            cross = self.cross_attn
-            return cross.attend(cross.split_heads(cross.q_proj(h)), *cross_kv, memory.src_mask)
-
-        y = self.sub1(y, self_attention)
-        y = self.sub2(y, cross_attention)
+        y = self.sub1(y, lambda h: self.self_attn(h, is_causal=cache is None, cache=cache))
+        y = self.sub2(y, lambda h: self.cross_attn.to_memory(h, cross_kv, src_mask))
         return self.sub3(y, self.ffn)
 
 
@@ -206,8 +195,8 @@ class Transformer(nn.Module):
         # pre-norm leaves the residual stream unnormalised, so each stack ends with a LayerNorm
         norm = nn.LayerNorm if cfg.pre_norm else nn.Identity
         self.encoder_norm, self.decoder_norm = norm(cfg.d_model), norm(cfg.d_model)
-        self.generator = Linear(cfg.d_model, vocab_size, bias=False)
-        self.dropout = Dropout(cfg.dropout)
+        self.generator = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.reset_parameters()
         if cfg.share_embeddings:
             self.generator.weight = self.tgt_embed.weight
@@ -242,15 +231,27 @@ class Transformer(nn.Module):
             x = layer(x, src_mask)
         return Memory(self.encoder_norm(x), src_mask)
 
-    def decode(self, tgt_in: torch.Tensor, memory: Memory) -> torch.Tensor:
-        """Logits for every target position (teacher forcing)."""
-        y = self.embed(self.tgt_embed, tgt_in)
-        for layer in self.decoder_layers:
-            y = layer(y, memory)
-        return self.generator(self.decoder_norm(y))
+    def cross_kv(self, memory: Memory) -> list[KeysValues]:
+        """Every decoder layer's cross-attention keys and values of the encoder states, projected once."""
+        if memory.cross_kv is None:
+            memory.cross_kv = [layer.cross_attn.project_kv(memory.states) for layer in self.decoder_layers]
+        return memory.cross_kv
+
+    def decode(
+        self, tgt_in: torch.Tensor, memory: Memory, cache: list[dict[str, torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """Decoder states [B, T, D]: of the whole target (teacher forcing, no cache) or of the tokens that
+        follow those already in `cache` (decoding)."""
+        offset = cache[0]["k"].size(2) if cache and "k" in cache[0] else 0
+        y = self.embed(self.tgt_embed, tgt_in, offset)
+        caches = cache if cache is not None else [None] * len(self.decoder_layers)
+        for layer, kv, layer_cache in zip(self.decoder_layers, self.cross_kv(memory), caches, strict=True):
+            y = layer(y, memory.src_mask, kv, layer_cache)
+        return y
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        return self.decode(tgt_in, self.encode(src))
+        """Logits for every target position (teacher forcing)."""
+        return self.generator(self.decoder_norm(self.decode(tgt_in, self.encode(src))))
 
     def init_cache(self) -> list[dict[str, torch.Tensor]]:
         return [{} for _ in self.decoder_layers]
@@ -259,12 +260,7 @@ class Transformer(nn.Module):
         self, prev: torch.Tensor, memory: Memory, cache: list[dict[str, torch.Tensor]]
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Log-probabilities [B, V] of the next token given the last one `prev` [B]."""
-        step = cache[0]["k"].size(2) if "k" in cache[0] else 0
-        y = self.embed(self.tgt_embed, prev[:, None], offset=step)
-        if memory.cross_kv is None:  # the encoder side is fixed during decoding: project it once
-            memory.cross_kv = [layer.cross_attn.project_kv(memory.states) for layer in self.decoder_layers]
-        for layer, layer_cache, kv in zip(self.decoder_layers, cache, memory.cross_kv, strict=True):
-            y = layer.step(y, memory, layer_cache, kv)
+        y = self.decode(prev[:, None], memory, cache)
         return F.log_softmax(self.generator(self.decoder_norm(y[:, -1])).float(), dim=-1), cache
 
     @staticmethod

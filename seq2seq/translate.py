@@ -88,10 +88,11 @@ def load_translator(model_ref: str, spm: Path | None, params_path: Path) -> tupl
 
         wrapper = mlflow.pyfunc.load_model(model_ref).unwrap_python_model()
         return wrapper.model, wrapper.tokenizer, DecodingParams.model_validate(wrapper.decoding)
+    from seq2seq import cpu
     from seq2seq.checkpoint import load_model
     from seq2seq.tokenizer import Tokenizer
 
-    model, _ = load_model(Path(model_ref), "cpu")
+    model = cpu.accelerate(load_model(Path(model_ref), "cpu")[0])
     tokenizer = Tokenizer(spm or Path("data/tokenized/spm.model"))
     return model, tokenizer, load_params(params_path).evaluate.decoding()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from seq2seq import cpu
 from seq2seq.checkpoint import CheckpointError, load_model
 from seq2seq.config import Params, ParamsError, load_params
 from seq2seq.score import bleu_by_length, score_corpus
@@ -73,7 +74,7 @@ def evaluate(
     device = pick_device(params.train.device)
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
-    model, _ = load_model(model_path, device)
+    model = cpu.accelerate(load_model(model_path, device)[0])
     tokenizer = Tokenizer(tokenizer_path)
     p = params.evaluate
     results: dict[str, dict] = {}

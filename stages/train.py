@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from seq2seq import cpu
 from seq2seq.checkpoint import CheckpointError, average_checkpoints, load_checkpoint, save_checkpoint
 from seq2seq.config import Params, ParamsError, TrainParams, flatten, load_params
 from seq2seq.data import TokenArray, collate, token_batches
@@ -242,7 +243,7 @@ def train(
     if skipped and master:
         print(f"train: skipping {skipped} of {len(train_src)} pairs longer than {max_len} tokens")
 
-    raw_model = build_model(params.model, vocab_size).to(device)
+    raw_model = cpu.accelerate(build_model(params.model, vocab_size)).to(device)
     n_params = raw_model.num_parameters()
     optimizer = torch.optim.AdamW(
         raw_model.parameters(), lr=p.lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=p.weight_decay

@@ -1,4 +1,5 @@
-"""The CPU fast paths (seq2seq/cpu.py) compute what nn.Dropout and nn.Linear compute."""
+"""The CPU fast paths (seq2seq/cpu.py) compute what nn.Dropout and nn.Linear compute, and `accelerate`
+puts them into a built model without changing its weights."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from seq2seq.cpu import ONEDNN, Dropout, Linear, drop_mask
+from seq2seq.config import TransformerConfig
+from seq2seq.cpu import ONEDNN, Dropout, Linear, accelerate, drop_mask
+from seq2seq.transformer import Transformer
 
 
 def test_drop_mask_rate_and_replay() -> None:
@@ -88,3 +92,24 @@ def test_linear_falls_back_where_onednn_does_not_apply() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16  # autocast still decides the precision
+
+
+@torch.no_grad()
+def test_accelerate_swaps_the_layers_in_place_keeping_weights_ties_and_outputs() -> None:
+    cfg = TransformerConfig(
+        d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=64, dropout=0.1, max_positions=16,
+        share_embeddings=True, pre_norm=True, positions="sinusoidal",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg, vocab_size=40).eval()
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    src, tgt_in = torch.randint(4, 40, (3, 7)), torch.randint(4, 40, (3, 5))
+    expected = model(src, tgt_in)
+
+    assert accelerate(model) is model
+    kinds = {type(m) for m in model.modules()}
+    assert Linear in kinds and Dropout in kinds and nn.Linear not in kinds and nn.Dropout not in kinds
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
+    assert model.generator.weight is model.tgt_embed.weight  # the shared embedding stays shared
+    torch.testing.assert_close(model(src, tgt_in), expected, atol=1e-5, rtol=1e-5)

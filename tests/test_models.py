@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from seq2seq.checkpoint import CheckpointError, load_model, save_checkpoint
 from seq2seq.config import ModelParams, parse_params
 from seq2seq.models import FAMILIES, build_model
 from seq2seq.tokenizer import PAD_ID
-from tests.pipeline_fixtures import committed_params
+from tests.pipeline_fixtures import REPO, committed_params
 
 VOCAB = 50
 TINY = {
@@ -134,22 +135,34 @@ def test_checkpoint_round_trip(model, tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(src, tgt_in), model(src, tgt_in))
 
 
-@torch.no_grad()
-def test_transformer_checkpoint_from_before_the_fused_projections_loads(base_params) -> None:
-    torch.manual_seed(0)
-    model = build_model(tiny(base_params, "transformer"), VOCAB).eval()
-    old = {}  # the layout of earlier checkpoints: separate q/k/v projections
+def format_1(model, family: str) -> dict:
+    """`model` as a checkpoint of format 1 would hold it: one flat config with vocab_size inside and the RNN
+    fields prefixed rnn_; a Transformer's attention projections apart, an RNN's output layer at the top."""
+    renamed = {"cell", "hidden", "layers", "bidirectional", "reverse_source"}
+    config = {f"rnn_{k}" if k in renamed else k: v for k, v in model.cfg.model_dump().items()}
+    weights = {}
     for name, tensor in model.state_dict().items():
-        for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("kv_proj", ("k_proj", "v_proj"))):
-            if f".{fused}." in name:
-                for part, chunk in zip(parts, tensor.chunk(len(parts)), strict=True):
-                    old[name.replace(fused, part)] = chunk.clone()
-                break
+        if ".qkv_proj." in name or ".kv_proj." in name:
+            fused = "qkv_proj" if ".qkv_proj." in name else "kv_proj"
+            parts = ("q_proj", "k_proj", "v_proj") if fused == "qkv_proj" else ("k_proj", "v_proj")
+            for part, chunk in zip(parts, tensor.chunk(len(parts)), strict=True):
+                weights[name.replace(fused, part)] = chunk.clone()
         else:
-            old[name] = tensor
-    assert not any("qkv_proj" in n or "kv_proj" in n for n in old)
-    loaded = build_model(tiny(base_params, "transformer"), VOCAB).eval()
-    loaded.load_state_dict(old)
+            weights[name.removeprefix("output.")] = tensor
+    return {"format": 1, "family": family, "config": {**config, "vocab_size": VOCAB}, "model": weights, "step": 7}
+
+
+@torch.no_grad()
+def test_a_format_1_checkpoint_is_refused_and_the_upgrade_script_converts_it(model, tmp_path: Path) -> None:
+    family = next(name for name, (_, cls) in FAMILIES.items() if isinstance(model, cls))
+    old = tmp_path / "old.pt"
+    torch.save(format_1(model, family), old)
+    with pytest.raises(CheckpointError, match=r"old\.pt: a checkpoint of format 1.*scripts/upgrade_checkpoint\.py"):
+        load_model(old)
+    upgrade_checkpoint = runpy.run_path(str(REPO / "scripts/upgrade_checkpoint.py"))  # a script, not a module
+    upgrade_checkpoint["main"]([str(old), "--out", str(tmp_path / "new.pt")])
+    loaded, state = load_model(tmp_path / "new.pt")
+    assert state["step"] == 7 and loaded.cfg == model.cfg and loaded.vocab_size == VOCAB
     src, tgt_in = batch()
     torch.testing.assert_close(loaded(src, tgt_in), model(src, tgt_in))
 
