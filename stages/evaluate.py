@@ -20,12 +20,12 @@ import torch
 from seq2seq import cpu
 from seq2seq.checkpoint import CheckpointError, load_model
 from seq2seq.config import Params, ParamsError, load_params
+from seq2seq.device import pick_device
 from seq2seq.score import bleu_by_length, score_corpus
 from seq2seq.textio import TextFormatError, atomic_write, read_lines, write_json
 from seq2seq.tokenizer import Tokenizer
 from seq2seq.tracking import mlflow, read_run_id, setup_mlflow
 from seq2seq.translate import translate_texts
-from stages.train import pick_device
 
 
 def score(hypotheses: list[str], references: list[str], chrf_word_order: int = 2, bootstrap_samples: int = 0) -> dict:

@@ -4,22 +4,24 @@ Reads data/tokenized/; writes models/model.pt (weights for evaluate/export), mod
 MLflow run id that evaluate and export attach to), metrics/train.json and plots/train_loss.csv.
 
 Resumable checkpoints live in <train.checkpoint_dir>/<run key>/ (not a DVC out, so DVC never deletes
-them): step-XXXXXXXX.pt (the last train.keep_last; model, optimizer, scaler, step, data position and
-every RNG state), best.pt (weights of the best validation) and losses.tsv (every step's loss). The run
-key hashes everything that shapes the training trajectory, so a re-run with the same recipe resumes
-exactly where the last one stopped, and a changed recipe starts in a fresh directory.
+them): step-XXXXXXXX.pt (the last train.keep_last; model, optimizer, scaler, TrainState and every RNG
+state), best.pt (weights of the best validation) and losses.tsv (every step's loss). The run key hashes
+everything that shapes the training trajectory, so a re-run with the same recipe resumes exactly where
+the last one stopped, and a changed recipe starts in a fresh directory.
 
 Multi-GPU: `torchrun --nproc_per_node=N -m stages.train` (DDP; gloo on CPU, nccl on CUDA). Each rank
 trains on its shard of every epoch's batches; rank 0 alone logs, validates and writes files.
 
-The loop is the whole recipe, top to bottom: batches -> forward -> loss -> backward (accumulated) ->
-clip -> step -> log -> validate -> checkpoint.
+The recipe reads top to bottom in `train`: set-up (processes, data, model, optimizer), `resume`,
+`start_tracking`, then the loop (batches -> forward -> loss -> backward (accumulated) -> clip -> step ->
+log -> validate -> `save_checkpoint`), then `cleanup` and the final model, metrics and plots.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,6 +30,7 @@ import platform
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from seq2seq import cpu
-from seq2seq.checkpoint import CheckpointError, average_checkpoints, load_checkpoint, save_checkpoint
+from seq2seq import checkpoint, cli, cpu, paths
+from seq2seq.checkpoint import CheckpointError
 from seq2seq.config import Params, ParamsError, TrainParams, flatten, load_params
 from seq2seq.data import TokenArray, collate, token_batches
 from seq2seq.decoding import translate_ids
+from seq2seq.device import pick_device
 from seq2seq.models import build_model
+from seq2seq.progress import Progress
 from seq2seq.textio import atomic_write, write_json
 from seq2seq.tokenizer import PAD_ID, Tokenizer
 from seq2seq.tracking import ResilientRun, dvc_out_hash, git_commit, mlflow, setup_mlflow, write_run_file
@@ -70,12 +75,43 @@ NOT_IN_RUN_KEY = {
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "L4": 121e12}
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("train.device: 'cuda' requested but CUDA is not available")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
+# ---- the state a checkpoint carries ------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what a resumable checkpoint stores besides weights, optimizer and RNG states."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 1
+    batch_index: int = 0  # batches of this epoch's list already taken
+    tokens_seen: int = 0  # target tokens trained on, this rank
+    trained_seconds: float = 0.0  # wall-clock time in the loop, over every run that resumed it
+    best_value: float | None = None  # train.early_stop_metric at the best validation
+    best_step: int | None = None
+    best_scores: dict[str, float] = field(default_factory=dict)
+    evals_without_improvement: int = 0  # compared with train.patience
+    mlflow_run_id: str | None = None  # a resumed run continues this MLflow run
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainState:
+        return cls(**values)
+
+    def record_validation(self, scores: dict[str, float], metric: str) -> bool:
+        """Count a validation; True when it is the best so far (lowest dev_loss or highest dev_bleu)."""
+        value = scores[metric]
+        if self.best_value is None or (value < self.best_value if metric == "dev_loss" else value > self.best_value):
+            self.best_value, self.best_step, self.best_scores = value, self.step, scores
+            self.evals_without_improvement = 0
+            return True
+        self.evals_without_improvement += 1
+        return False
+
+
+# ---- schedule, data order, run key, RNG states -----------------------------------------------------------
 
 
 def learning_rate(step: int, p: TrainParams) -> float:
@@ -159,6 +195,248 @@ def estimate_mfu(n_params: int, tokens_per_s: float, device: torch.device) -> fl
     return 6 * n_params * tokens_per_s / peak if peak else None
 
 
+# ---- set-up ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the run: rank and world size under torchrun (DDP), else 0 of 1; its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+    ddp: bool
+
+    @property
+    def master(self) -> bool:
+        """Rank 0 alone logs, validates and writes files."""
+        return self.rank == 0
+
+
+def setup_processes(p: TrainParams) -> Processes:
+    ddp = "RANK" in os.environ  # set by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = pick_device(p.device)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    return Processes(rank, world, device, ddp)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The token arrays training reads, and the tokenizer for the dev BLEU (None when it is not computed)."""
+
+    src: TokenArray
+    tgt: TokenArray
+    usable: np.ndarray  # indices of the training pairs short enough to train on
+    dev: tuple[TokenArray, TokenArray]
+    vocab_size: int
+    tokenizer: Tokenizer | None
+
+    @property
+    def skipped(self) -> int:
+        return len(self.src) - len(self.usable)
+
+    def batches(self, epoch: int, p: TrainParams, procs: Processes) -> list[np.ndarray]:
+        """This rank's batches of `epoch`, as indices into the training arrays."""
+        lengths = self.src.lengths[self.usable], self.tgt.lengths[self.usable]
+        return [self.usable[b] for b in epoch_batches(*lengths, p.max_tokens, p.seed, epoch, procs.rank, procs.world)]
+
+
+def load_data(params: Params, data_dir: Path, procs: Processes) -> TrainData:
+    p = params.train
+    vocab_size = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    src, tgt = load_split(data_dir, "train", params.data.langs)
+    dev = load_split(data_dir, "dev", params.data.langs)
+    tokenizer = Tokenizer(data_dir / "spm.model") if p.eval_bleu_sentences else None
+    # Pairs longer than train.max_len (or the model's max_positions) are skipped and counted, never silently.
+    max_len = min(p.max_len, params.model.config.max_positions - 1)
+    usable = np.flatnonzero((src.lengths <= max_len) & (tgt.lengths <= max_len))
+    if len(usable) == 0:
+        raise ValueError(f"train.max_len={p.max_len}: no training pair is short enough")
+    data = TrainData(src, tgt, usable, dev, vocab_size, tokenizer)
+    if data.skipped and procs.master:
+        print(f"train: skipping {data.skipped} of {len(src)} pairs longer than {max_len} tokens")
+    return data
+
+
+def resume(
+    ckpt_dir: Path,
+    key_dict: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    p: TrainParams,
+    procs: Processes,
+) -> TrainState:
+    """The state of this recipe's last checkpoint, with weights, optimizer, scaler and RNGs restored from it;
+    or a fresh state. Rank 0 also makes the checkpoint directory and clears what a killed process left."""
+    existing = step_checkpoints(ckpt_dir)
+    if not existing:
+        torch.manual_seed(p.seed + procs.rank)  # different dropout masks per rank
+        state = TrainState()
+    else:
+        path = existing[-1]
+        saved = checkpoint.load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors
+        if saved.get("run_key") != key_dict:
+            raise CheckpointError(
+                f"{path}: written for another recipe than params.yaml describes; move {ckpt_dir} away to start afresh"
+            )
+        if saved["step"] > p.max_steps:
+            raise CheckpointError(f"{path}: step {saved['step']} is beyond train.max_steps={p.max_steps}")
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scaler.load_state_dict(saved["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: does not fit this model/optimizer ({err})") from None
+        state = TrainState.from_dict(saved["train_state"])
+        set_rng_state(saved["rng"][procs.rank])
+        if procs.master:
+            print(f"train: resuming from {path} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})")
+    if procs.master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in ckpt_dir.glob(".*.tmp"):  # left by a process killed while writing
+            tmp.unlink()
+    return state
+
+
+def wrap_model(model: nn.Module, p: TrainParams, procs: Processes) -> nn.Module:
+    """The module the loop calls: `model` compiled (train.compile) and, under torchrun, wrapped in DDP."""
+    if p.compile:
+        model = torch.compile(model)
+    if procs.ddp:
+        model = DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+    return model
+
+
+def start_tracking(
+    params: Params, run_id: str | None, n_params: int, key: str, data_dir: Path, procs: Processes
+) -> tuple[ResilientRun, str]:
+    """Rank 0's MLflow run and experiment id: the run `run_id` that a resumed run started, if MLflow still has
+    it; otherwise a new run, with the validated params and tags for what else shapes the result."""
+    experiment_id = setup_mlflow(params.mlflow)
+    run = None
+    if run_id is not None:
+        try:
+            run = mlflow.start_run(run_id=run_id)
+        except mlflow.exceptions.MlflowException as err:
+            print(f"WARNING: cannot continue MLflow run {run_id} ({err}); starting a new one", file=sys.stderr)
+    continued = run is not None
+    if run is None:
+        run = mlflow.start_run(run_name=f"{params.model.family}-{params.data.pair}")
+        mlflow.log_params(flatten(params.model_dump(exclude={"download"}), ""))
+        mlflow.set_tags(
+            {
+                "git_commit": git_commit() or "unknown",
+                "torch": torch.__version__,
+                "device": f"{procs.device} x{procs.world}",
+                "python": platform.python_version(),
+                "n_parameters": str(n_params),
+                "run_key": key,
+                "dvc_data_tokenized_md5": dvc_out_hash(str(data_dir)) or "unknown",
+            }
+        )
+    return ResilientRun(run.info.run_id, continued=continued), experiment_id
+
+
+# ---- logging, validation, checkpoints ------------------------------------------------------------------
+
+
+class LossLog:
+    """losses.tsv in the checkpoint directory: step, loss, lr and target tokens of every step (rank 0).
+
+    On a resume it is cut back to the steps the checkpoint covers (the later ones are redone), so it is the
+    exact record of a run however often it was interrupted. Losses stay tensors until `flush`: one device
+    sync per flush, not per step. The rows since the last `window()` make up the next logged mean.
+    """
+
+    def __init__(self, path: Path, through_step: int):
+        kept = []
+        if through_step and path.exists():
+            kept = [line for line in path.read_text().splitlines()[1:] if int(line.split("\t")[0]) <= through_step]
+        with atomic_write(path) as f:
+            f.write("step\tloss\tlr\ttokens\n" + "".join(line + "\n" for line in kept))
+        self.path, self.file = path, path.open("a")
+        self.pending: list[tuple[int, torch.Tensor, float, int]] = []
+        self.rows: list[tuple[int, float, float, int]] = []  # written, in the current window
+        self.window_start = time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor, lr: float, tokens: int) -> None:
+        self.pending.append((step, loss, lr, tokens))
+
+    def flush(self) -> None:
+        if self.pending:
+            values = torch.stack([row[1] for row in self.pending]).tolist()
+            rows = [(s, v, lr, n) for (s, _, lr, n), v in zip(self.pending, values, strict=True)]
+            self.file.write("".join(f"{s}\t{v!r}\t{lr!r}\t{n}\n" for s, v, lr, n in rows))
+            self.file.flush()
+            self.rows += rows
+            self.pending.clear()
+
+    def sync(self) -> None:
+        """Make every step so far durable: a checkpoint written next must not cover steps the file lacks."""
+        self.flush()
+        os.fsync(self.file.fileno())
+
+    def window(self) -> tuple[float, int, float]:
+        """(token-weighted mean loss, target tokens, seconds) of the steps since the last window; starts the next."""
+        self.flush()
+        tokens = sum(row[3] for row in self.rows)
+        mean = sum(row[1] * row[3] for row in self.rows) / tokens
+        seconds = time.perf_counter() - self.window_start
+        self.rows, self.window_start = [], time.perf_counter()
+        return mean, tokens, seconds
+
+    def close(self) -> None:
+        self.file.close()
+
+    def history(self, log_every: int) -> list[tuple[int, float, float]]:
+        """(last step, token-weighted mean loss, last lr) of each log_every window of the whole file."""
+        rows = [line.split("\t") for line in self.path.read_text().splitlines()[1:]]
+        history = []
+        for i in range(0, len(rows), log_every):
+            window = rows[i : i + log_every]
+            tokens = sum(int(r[3]) for r in window)
+            mean = sum(float(r[1]) * int(r[3]) for r in window) / tokens
+            history.append((int(window[-1][0]), mean, float(window[-1][2])))
+        return history
+
+
+def log_window(
+    losses: LossLog,
+    state: TrainState,
+    lr: float,
+    grad_norm: torch.Tensor,
+    n_params: int,
+    procs: Processes,
+    tracker: ResilientRun,
+    progress: Progress,
+) -> None:
+    """Log the mean loss, lr, gradient norm and speed of the steps since the last log (rank 0)."""
+    mean_loss, tokens, seconds = losses.window()
+    metrics = {
+        "loss": mean_loss,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": tokens * procs.world / seconds,
+        "epoch": state.epoch,
+    }
+    mfu = estimate_mfu(n_params, tokens / seconds, procs.device)
+    if mfu is not None:
+        metrics["mfu"] = mfu
+    tracker.log_metrics(metrics, step=state.step)
+    status = f"loss {mean_loss:.3f} lr {lr:.2e} tok/s {metrics['tokens_per_s']:.0f}"
+    progress.update(state.step, status)
+    if progress.bar is None:
+        print(f"step {state.step} epoch {state.epoch} {status} elapsed {state.trained_seconds:.0f}s", flush=True)
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, src: TokenArray, tgt: TokenArray, max_tokens: int, device: torch.device) -> float:
     """Mean per-token cross-entropy (no label smoothing) over a whole split."""
@@ -175,75 +453,96 @@ def evaluate_loss(model: nn.Module, src: TokenArray, tgt: TokenArray, max_tokens
     return total / max(count, 1)
 
 
-def validate(model: nn.Module, params: Params, dev: tuple[TokenArray, TokenArray], tokenizer, device) -> dict:
+def validate(model: nn.Module, params: Params, data: TrainData, device: torch.device) -> dict[str, float]:
     """Dev loss and perplexity on the whole dev set, and greedy BLEU on its first eval_bleu_sentences."""
-    dev_loss = evaluate_loss(model, *dev, params.train.max_tokens, device)
+    dev_loss = evaluate_loss(model, *data.dev, params.train.max_tokens, device)
     metrics = {"dev_loss": dev_loss, "dev_ppl": math.exp(min(dev_loss, 50.0))}
-    n = min(params.train.eval_bleu_sentences, len(dev[0]))
+    n = min(params.train.eval_bleu_sentences, len(data.dev[0]))
     if n:
         e = params.evaluate
-        sources = [dev[0][i].tolist() for i in range(n)]
+        sources = [data.dev[0][i].tolist() for i in range(n)]
         hyps = translate_ids(model, sources, e.batch_size, e.max_len_a, e.max_len_b, device)
-        refs = tokenizer.decode([dev[1][i].tolist() for i in range(n)])
-        metrics["dev_bleu"] = sacrebleu.corpus_bleu(tokenizer.decode(hyps), [refs]).score
+        refs = data.tokenizer.decode([data.dev[1][i].tolist() for i in range(n)])
+        metrics["dev_bleu"] = sacrebleu.corpus_bleu(data.tokenizer.decode(hyps), [refs]).score
         model.train()
     return metrics
 
 
-def progress_bar(total: int, start: int):
-    """A rich progress bar on an interactive terminal; None (plain log lines) otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn()
+def save_checkpoint(
+    state: TrainState,
+    ckpt_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: Params,
+    key_dict: dict[str, Any],
+    procs: Processes,
+    losses: LossLog | None,
+) -> None:
+    """Write step-XXXXXXXX.pt with everything exact resume needs and keep the last train.keep_last.
+    Every rank calls it (each one's RNG state goes into the file); rank 0 writes."""
+    rngs = [rng_state()]
+    if procs.ddp:
+        rngs = [None] * procs.world
+        dist.all_gather_object(rngs, rng_state())
+    if not procs.master:
+        return
+    losses.sync()
+    p, name = params.train, f"step-{state.step:08d}.pt"
+    checkpoint.save_checkpoint(
+        ckpt_dir / name,
+        model,
+        params.model.family,
+        state.step,
+        train_state=state.to_dict(),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        run_key=key_dict,
+        rng=rngs,
+        lr_schedule={"name": p.lr_schedule, "lr": learning_rate(state.step, p)},  # the lr is a function of step
     )
-    bar.add_task("train", total=total, completed=start, status="")
-    bar.start()
-    return bar
+    for old in step_checkpoints(ckpt_dir)[: -p.keep_last]:
+        old.unlink()
+    print(f"train: rank {procs.rank} saved checkpoint {name}", flush=True)
+
+
+def tokens_of_all_ranks(n_tokens: int, procs: Processes) -> int:
+    if not procs.ddp:
+        return n_tokens
+    counts = torch.tensor([n_tokens], device=procs.device)
+    dist.all_reduce(counts)
+    return int(counts.item())
+
+
+def rank_0_decides(stop: bool, procs: Processes) -> bool:
+    """Rank 0 decides about time and early stopping: every rank must stop at the same step."""
+    if not procs.ddp:
+        return stop
+    flag = torch.tensor([int(stop)], device=procs.device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
+# ---- the recipe -----------------------------------------------------------------------------------------
 
 
 def train(
     params: Params,
-    data_dir: Path = Path("data/tokenized"),
-    out_dir: Path = Path("models"),
-    metrics_path: Path = Path("metrics/train.json"),
-    plot_path: Path = Path("plots/train_loss.csv"),
+    data_dir: Path = paths.TOKENIZED,
+    out_dir: Path = paths.MODELS,
+    metrics_path: Path = paths.METRICS / "train.json",
+    plot_path: Path = paths.PLOTS / "train_loss.csv",
 ) -> dict | None:
     """Train (resuming when a checkpoint of this recipe exists) and save the model; rank 0 returns the metrics."""
-    p = params.train
-    # ---- set-up: processes, device, data, model, optimizer --------------------------------------------------
-    ddp = "RANK" in os.environ  # set by torchrun
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
-    device = pick_device(p.device)
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if p.threads:
-        torch.set_num_threads(p.threads)
+    p, family = params.train, params.model.family
+    # ---- set-up: processes, data, model, optimizer; then resume and tracking ---------------------------------
+    procs = setup_processes(p)
+    device = procs.device
     random.seed(p.seed)
     np.random.seed(p.seed)
     torch.manual_seed(p.seed)  # the same initial weights on every rank
-
-    langs = (params.data.src_lang, params.data.tgt_lang)
-    vocab_size = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
-    train_src, train_tgt = load_split(data_dir, "train", langs)
-    dev = load_split(data_dir, "dev", langs)
-    tokenizer = Tokenizer(data_dir / "spm.model") if p.eval_bleu_sentences else None
-    # Pairs longer than train.max_len (or the model's max_positions) are skipped and counted, never silently.
-    max_len = min(p.max_len, params.model.config.max_positions - 1)
-    usable = np.flatnonzero((train_src.lengths <= max_len) & (train_tgt.lengths <= max_len))
-    skipped = len(train_src) - len(usable)
-    if len(usable) == 0:
-        raise ValueError(f"train.max_len={p.max_len}: no training pair is short enough")
-    if skipped and master:
-        print(f"train: skipping {skipped} of {len(train_src)} pairs longer than {max_len} tokens")
-
-    raw_model = cpu.accelerate(build_model(params.model, vocab_size)).to(device)
+    data = load_data(params, data_dir, procs)
+    raw_model = cpu.accelerate(build_model(params.model, data.vocab_size)).to(device)
     n_params = raw_model.num_parameters()
     optimizer = torch.optim.AdamW(
         raw_model.parameters(), lr=p.lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=p.weight_decay
@@ -252,164 +551,41 @@ def train(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    # ---- resume: the last checkpoint of this recipe, if any ---------------------------------------------------
-    key, key_dict = run_key(params, data_dir, world)
+    key, key_dict = run_key(params, data_dir, procs.world)
     ckpt_dir = Path(p.checkpoint_dir) / key
-    losses_path = ckpt_dir / "losses.tsv"
-    step, epoch, batch_index, tokens_seen, trained_seconds = 0, 1, 0, 0, 0.0
-    best: dict[str, Any] = {"value": None, "step": None, "scores": {}}
-    evals_without_improvement, mlflow_run_id = 0, None
-    existing = step_checkpoints(ckpt_dir)
-    if existing:
-        state = load_checkpoint(existing[-1], map_location="cpu")  # RNG states must stay CPU tensors
-        if state.get("run_key") != key_dict:
-            raise CheckpointError(
-                f"{existing[-1]}: written for another recipe than params.yaml describes; "
-                f"move {ckpt_dir} away to start afresh"
-            )
-        if state["step"] > p.max_steps:
-            raise CheckpointError(f"{existing[-1]}: step {state['step']} is beyond train.max_steps={p.max_steps}")
-        try:
-            raw_model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{existing[-1]}: does not fit this model/optimizer ({err})") from None
-        step, epoch, batch_index = state["step"], state["epoch"], state["batch_index"]
-        tokens_seen, trained_seconds = state["tokens_seen"], state["trained_seconds"]
-        best, evals_without_improvement = state["best"], state["evals_without_improvement"]
-        mlflow_run_id = state["mlflow_run_id"]
-        set_rng_state(state["rng"][rank])
-        if master:
-            print(f"train: resuming from {existing[-1]} (step {step}, epoch {epoch}, batch {batch_index})")
-    else:
-        torch.manual_seed(p.seed + rank)  # different dropout masks per rank
-    if master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in ckpt_dir.glob(".*.tmp"):  # left by a process killed while writing
-            tmp.unlink()
-        # losses.tsv keeps exactly the steps the checkpoint covers; steps after it will be redone
-        kept = (
-            [line for line in losses_path.read_text().splitlines()[1:] if int(line.split("\t")[0]) <= step]
-            if (step and losses_path.exists())
-            else []
-        )
-        with atomic_write(losses_path) as f:
-            f.write("step\tloss\tlr\ttokens\n" + "".join(line + "\n" for line in kept))
-    losses_file = losses_path.open("a") if master else None
-
-    model: nn.Module = torch.compile(raw_model) if p.compile else raw_model
-    if ddp:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # ---- MLflow: rank 0 only; a resumed run continues its MLflow run ----------------------------------------
-    tracker: ResilientRun | None = None
-    experiment_id = ""
-    if master:
-        experiment_id = setup_mlflow(params.mlflow)
-        run = None
-        if mlflow_run_id is not None:
-            try:
-                run = mlflow.start_run(run_id=mlflow_run_id)
-            except mlflow.exceptions.MlflowException as err:
-                print(
-                    f"WARNING: cannot continue MLflow run {mlflow_run_id} ({err}); starting a new one", file=sys.stderr
-                )
-                mlflow_run_id = None
-        if run is None:
-            run = mlflow.start_run(run_name=f"{params.model.family}-{params.data.pair}")
-        tracker = ResilientRun(run.info.run_id, continued=mlflow_run_id is not None)
-        if mlflow_run_id is None:
-            mlflow.log_params(flatten(params.model_dump(exclude={"download"}), ""))
-            mlflow.set_tags(
-                {
-                    "git_commit": git_commit() or "unknown",
-                    "torch": torch.__version__,
-                    "device": f"{device} x{world}",
-                    "python": platform.python_version(),
-                    "n_parameters": str(n_params),
-                    "run_key": key,
-                    "dvc_data_tokenized_md5": dvc_out_hash(str(data_dir)) or "unknown",
-                }
-            )
+    state = resume(ckpt_dir, key_dict, raw_model, optimizer, scaler, p, procs)
+    model = wrap_model(raw_model, p, procs)
+    tracker, experiment_id, losses, progress = None, "", None, None
+    if procs.master:
+        tracker, experiment_id = start_tracking(params, state.mlflow_run_id, n_params, key, data_dir, procs)
+        state.mlflow_run_id = tracker.run_id
         print(
-            f"train: {params.model.family} with {n_params / 1e6:.2f}M parameters on {device} x{world}; "
+            f"train: {family} with {n_params / 1e6:.2f}M parameters on {device} x{procs.world}; "
             f"checkpoints in {ckpt_dir}; MLflow run {tracker.run_id}",
             flush=True,
         )
-
-    def save(path: Path, **extra: Any) -> None:
-        save_checkpoint(path, raw_model, params.model.family, step, **extra)
-
-    def flush_losses(rows: list) -> list[tuple[int, float, float, int]]:
-        """Append pending (step, loss tensor, lr, tokens) rows to losses.tsv (one device sync); returns them."""
-        done = []
-        if losses_file is not None and rows:
-            values = torch.stack([r[1] for r in rows]).tolist()
-            done = [(r[0], v, r[2], r[3]) for r, v in zip(rows, values, strict=True)]
-            losses_file.write("".join(f"{s}\t{v!r}\t{lr!r}\t{n}\n" for s, v, lr, n in done))
-            losses_file.flush()
-        rows.clear()
-        return done
-
-    def save_training_state() -> None:
-        """Write step-XXXXXXXX.pt with everything exact resume needs; keep the last keep_last."""
-        rngs = [rng_state()]
-        if ddp:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        if not master:
-            return
-        os.fsync(losses_file.fileno())
-        save(
-            ckpt_dir / f"step-{step:08d}.pt",
-            optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict(),
-            epoch=epoch,
-            batch_index=batch_index,
-            tokens_seen=tokens_seen,
-            trained_seconds=trained_seconds + time.perf_counter() - start,
-            best=best,
-            evals_without_improvement=evals_without_improvement,
-            mlflow_run_id=tracker.run_id,
-            run_key=key_dict,
-            rng=rngs,
-            lr_schedule={"name": p.lr_schedule, "lr": learning_rate(step, p)},  # the lr is a function of step
-        )
-        for old in step_checkpoints(ckpt_dir)[: -p.keep_last]:
-            old.unlink()
-        print(f"train: rank {rank} saved checkpoint step-{step:08d}.pt", flush=True)
+        losses = LossLog(ckpt_dir / "losses.tsv", through_step=state.step)
+        progress = Progress("train", p.max_steps, unit="steps", completed=state.step, plain=False)
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    batches = epoch_batches(
-        train_src.lengths[usable], train_tgt.lengths[usable], p.max_tokens, p.seed, epoch, rank, world
-    )
-    pending: list[tuple[int, torch.Tensor, float, int]] = []
-    window_tokens, window_start, window_rows = 0, time.perf_counter(), []
+    batches = data.batches(state.epoch, p, procs)
     last_scores: dict[str, float] = {}
-    start = time.perf_counter()
-    bar = progress_bar(p.max_steps, step) if master else None
-    stop = step >= p.max_steps or trained_seconds >= p.max_minutes * 60  # a finished run stays finished
+    clock = time.perf_counter() - state.trained_seconds  # so that trained_seconds = now - clock, across resumes
+    stop = state.step >= p.max_steps or state.trained_seconds >= p.max_minutes * 60  # a finished run stays finished
     model.train()
     while not stop:
         # one optimizer step = grad_accum micro-batches, taken in order from this epoch's (sharded) batch list
         micro = []
         for _ in range(p.grad_accum):
-            if batch_index == len(batches):
-                epoch, batch_index = epoch + 1, 0
-                batches = epoch_batches(
-                    train_src.lengths[usable], train_tgt.lengths[usable], p.max_tokens, p.seed, epoch, rank, world
-                )
-            micro.append(collate(train_src, train_tgt, usable[batches[batch_index]]))
-            batch_index += 1
+            if state.batch_index == len(batches):
+                state.epoch, state.batch_index = state.epoch + 1, 0
+                batches = data.batches(state.epoch, p, procs)
+            micro.append(collate(data.src, data.tgt, batches[state.batch_index]))
+            state.batch_index += 1
         n_tokens = sum(int((tgt_out != PAD_ID).sum()) for _, _, tgt_out in micro)
-        all_tokens = n_tokens
-        if ddp:  # normalise by the tokens of all ranks (DDP averages gradients, hence the x world below)
-            counts = torch.tensor([n_tokens], device=device)
-            dist.all_reduce(counts)
-            all_tokens = int(counts.item())
-        step += 1
-        lr = learning_rate(step, p)
+        all_tokens = tokens_of_all_ranks(n_tokens, procs)  # the loss is per target token of every rank's batches
+        state.step += 1
+        lr = learning_rate(state.step, p)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -418,7 +594,8 @@ def train(
             if device.type == "cuda":
                 batch = tuple(x.pin_memory().to(device, non_blocking=True) for x in batch)
             src, tgt_in, tgt_out = batch
-            sync = contextlib.nullcontext() if not ddp or i == len(micro) - 1 else model.no_sync()
+            # DDP all-reduces the gradients once per step, after the last micro-batch's backward
+            sync = model.no_sync() if procs.ddp and i < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(src, tgt_in)
@@ -429,7 +606,8 @@ def train(
                     label_smoothing=p.label_smoothing,
                     reduction="sum",
                 )
-                scaler.scale(loss_sum * (world / all_tokens)).backward()
+                # DDP averages the ranks' gradients, hence x world to make it a sum over all_tokens
+                scaler.scale(loss_sum * (procs.world / all_tokens)).backward()
             step_loss += loss_sum.detach()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), p.clip_norm)
@@ -437,125 +615,117 @@ def train(
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-        pending.append((step, step_loss / n_tokens, lr, n_tokens))
-        window_tokens += n_tokens
-        tokens_seen += n_tokens
-        elapsed = trained_seconds + time.perf_counter() - start
-        stop = step >= p.max_steps or elapsed >= p.max_minutes * 60
+        state.tokens_seen += n_tokens
+        state.trained_seconds = time.perf_counter() - clock
+        stop = state.step >= p.max_steps or state.trained_seconds >= p.max_minutes * 60
+        if procs.master:
+            losses.add(state.step, step_loss / n_tokens, lr, n_tokens)
+            if state.step % p.log_every == 0 or stop:
+                log_window(losses, state, lr, grad_norm, n_params, procs, tracker, progress)
+            if state.step % p.eval_every == 0 or stop:
+                last_scores = validate(raw_model, params, data, device)
+                tracker.log_metrics(last_scores, step=state.step)
+                if state.record_validation(last_scores, p.early_stop_metric):
+                    checkpoint.save_checkpoint(ckpt_dir / "best.pt", raw_model, family, state.step, **last_scores)
+                scores = " ".join(f"{k} {v:.4g}" for k, v in last_scores.items())
+                print(f"validation at step {state.step}: {scores}", flush=True)
+                if p.patience and state.evals_without_improvement >= p.patience:
+                    print(f"train: early stop, {p.early_stop_metric} did not improve in {p.patience} validations")
+                    stop = True
+        stop = rank_0_decides(stop, procs)
+        if state.step % p.save_every == 0 or stop:
+            state.trained_seconds = time.perf_counter() - clock
+            save_checkpoint(state, ckpt_dir, raw_model, optimizer, scaler, params, key_dict, procs, losses)
 
-        if master and (step % p.log_every == 0 or stop):
-            rows = window_rows + flush_losses(pending)
-            seconds = time.perf_counter() - window_start
-            mean_loss = sum(r[1] * r[3] for r in rows) / sum(r[3] for r in rows)
-            metrics = {
-                "loss": mean_loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": window_tokens * world / seconds,
-                "epoch": epoch,
-            }
-            mfu = estimate_mfu(n_params, window_tokens / seconds, device)
-            if mfu is not None:
-                metrics["mfu"] = mfu
-            tracker.log_metrics(metrics, step=step)
-            status = f"loss {mean_loss:.3f} lr {lr:.2e} tok/s {metrics['tokens_per_s']:.0f}"
-            if bar is not None:
-                bar.update(bar.task_ids[0], completed=step, status=status)
-            else:
-                print(f"step {step} epoch {epoch} {status} elapsed {elapsed:.0f}s", flush=True)
-            window_tokens, window_start, window_rows = 0, time.perf_counter(), []
+    # ---- cleanup, and rank 0's final model, metrics and plots --------------------------------------------
+    state.trained_seconds = time.perf_counter() - clock
+    cleanup(raw_model, procs, progress)
+    if not procs.master:
+        return None
+    losses.close()
+    final_model(raw_model, p, ckpt_dir)
+    checkpoint.save_checkpoint(out_dir / "model.pt", raw_model, family, state.step)
+    if p.final_model != "last" or not last_scores:
+        last_scores = validate(raw_model, params, data, device)
+    history = losses.history(p.log_every)
+    metrics = train_metrics(state, last_scores, history, p, n_params, data.skipped, procs.world)
+    tracker.log_metrics({"final_dev_loss": last_scores["dev_loss"], "final_dev_ppl": metrics["dev_ppl"]}, state.step)
+    for path in [out_dir / "model.pt", ckpt_dir / "best.pt", *step_checkpoints(ckpt_dir)[-1:]]:
+        if path.exists():
+            tracker.log_artifact(path, "checkpoints")
+    tracker.end()
+    write_json(metrics_path, metrics)
+    write_loss_plot(plot_path, history)
+    write_run_file(tracker.run_id, experiment_id, params.mlflow.tracking_uri, out_dir / "train_run.json")
+    return metrics
 
-        if master and (step % p.eval_every == 0 or stop):
-            scores = last_scores = validate(raw_model, params, dev, tokenizer, device)
-            tracker.log_metrics(scores, step=step)
-            value = scores[p.early_stop_metric]
-            better = (lambda a, b: a < b) if p.early_stop_metric == "dev_loss" else (lambda a, b: a > b)
-            if best["value"] is None or better(value, best["value"]):
-                best, evals_without_improvement = {"value": value, "step": step, "scores": scores}, 0
-                save(ckpt_dir / "best.pt", **scores)
-            else:
-                evals_without_improvement += 1
-            print(f"validation at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
-            if p.patience and evals_without_improvement >= p.patience:
-                print(f"train: early stop, {p.early_stop_metric} did not improve in {p.patience} validations")
-                stop = True
 
-        if ddp:  # rank 0 decides about time and early stopping; every rank must stop at the same step
-            flag = torch.tensor([int(stop)], device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        if step % p.save_every == 0 or stop:
-            window_rows += flush_losses(pending)
-            save_training_state()
+# ---- after the loop -------------------------------------------------------------------------------------
 
-    # ---- the final model, metrics and artifacts ------------------------------------------------------------
-    train_seconds = trained_seconds + time.perf_counter() - start
-    if bar is not None:
-        bar.stop()
-    digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in raw_model.state_dict().values()))
-    print(f"train: rank {rank} final parameters sha256 {digest.hexdigest()}", flush=True)
-    if ddp:
+
+def cleanup(model: nn.Module, procs: Processes, progress: Progress | None) -> None:
+    """Every rank: print the final weights' hash (identical on every rank under DDP), leave the process group."""
+    if progress is not None:
+        progress.close()
+    digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values()))
+    print(f"train: rank {procs.rank} final parameters sha256 {digest.hexdigest()}", flush=True)
+    if procs.ddp:
         dist.barrier()
         dist.destroy_process_group()
-    if not master:
-        return None
-    losses_file.close()
 
+
+def final_model(model: nn.Module, p: TrainParams, ckpt_dir: Path) -> None:
+    """Load the weights train.final_model asks for: the last (as they are), the best, or the kept average."""
     if p.final_model == "best" and (ckpt_dir / "best.pt").exists():
-        raw_model.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
+        model.load_state_dict(checkpoint.load_checkpoint(ckpt_dir / "best.pt")["model"])
     elif p.final_model == "average":
-        raw_model.load_state_dict(average_checkpoints(step_checkpoints(ckpt_dir)))
-    save(out_dir / "model.pt")
-    if p.final_model != "last" or not last_scores:
-        last_scores = validate(raw_model, params, dev, tokenizer, device)
+        model.load_state_dict(checkpoint.average_checkpoints(step_checkpoints(ckpt_dir)))
 
-    rows = [line.split("\t") for line in losses_path.read_text().splitlines()[1:]]
-    history = []
-    for i in range(0, len(rows), p.log_every):  # per log_every window: token-weighted mean loss
-        window = rows[i : i + p.log_every]
-        tokens = sum(int(r[3]) for r in window)
-        history.append(
-            (int(window[-1][0]), sum(float(r[1]) * int(r[3]) for r in window) / tokens, float(window[-1][2]))
-        )
-    dev_loss = last_scores["dev_loss"]
-    metrics = {
-        "steps": step,
-        "epochs": epoch,
-        "train_seconds": round(train_seconds, 1),
-        "train_tokens": tokens_seen,
-        "tokens_per_s": round(tokens_seen * world / max(train_seconds, 1e-9), 1),
+
+def train_metrics(
+    state: TrainState,
+    scores: dict[str, float],
+    history: list[tuple[int, float, float]],
+    p: TrainParams,
+    n_params: int,
+    skipped: int,
+    world: int,
+) -> dict[str, Any]:
+    """metrics/train.json: the run's totals, the final model's dev scores and the best validation."""
+    dev_loss, seconds = scores["dev_loss"], state.trained_seconds
+    return {
+        "steps": state.step,
+        "epochs": state.epoch,
+        "train_seconds": round(seconds, 1),
+        "train_tokens": state.tokens_seen,
+        "tokens_per_s": round(state.tokens_seen * world / max(seconds, 1e-9), 1),
         "final_train_loss": round(history[-1][1], 4) if history else None,
         "dev_loss": round(dev_loss, 4),
         "dev_ppl": round(math.exp(min(dev_loss, 50.0)), 3),
-        "best_step": best["step"],
-        f"best_{p.early_stop_metric}": round(best["value"], 4) if best["value"] is not None else None,
-        "dev_bleu": round(last_scores["dev_bleu"], 2) if "dev_bleu" in last_scores else None,
+        "best_step": state.best_step,
+        f"best_{p.early_stop_metric}": round(state.best_value, 4) if state.best_value is not None else None,
+        "dev_bleu": round(scores["dev_bleu"], 2) if "dev_bleu" in scores else None,
         "final_model": p.final_model,
         "n_parameters": n_params,
         "skipped_long_pairs": skipped,
         "world_size": world,
     }
-    tracker.log_metrics({"final_dev_loss": dev_loss, "final_dev_ppl": metrics["dev_ppl"]}, step=step)
-    tracker.log_artifact(out_dir / "model.pt", "checkpoints")
-    for path in [ckpt_dir / "best.pt", *step_checkpoints(ckpt_dir)[-1:]]:
-        if path.exists():
-            tracker.log_artifact(path, "checkpoints")
-    tracker.end()
-    write_json(metrics_path, metrics)
-    with atomic_write(plot_path) as f:
+
+
+def write_loss_plot(path: Path, history: list[tuple[int, float, float]]) -> None:
+    """plots/train_loss.csv: step, mean loss and lr of each log_every window (a DVC plot)."""
+    with atomic_write(path) as f:
         writer = csv.writer(f)
         writer.writerow(["step", "loss", "lr"])
         writer.writerows((s, f"{loss:.5f}", f"{lr:.3e}") for s, loss, lr in history)
-    write_run_file(tracker.run_id, experiment_id, params.mlflow.tracking_uri, out_dir / "train_run.json")
-    return metrics
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = cli.stage_parser("train", __doc__).parse_args(argv)
     try:
-        params = load_params()
-        metrics = train(params)
+        metrics = train(load_params(args.params))
     except (ParamsError, CheckpointError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"train: {err}")
+        cli.fail("train", err)
     if metrics is not None:
         print(f"train: {json.dumps(metrics)}")
 
