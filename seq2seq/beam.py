@@ -37,6 +37,73 @@ def length_penalty(length: torch.Tensor | float, alpha: float) -> torch.Tensor:
     return ((5.0 + torch.as_tensor(length, dtype=torch.float32)) / 6.0) ** alpha
 
 
+@dataclass
+class Beams:
+    """The hypotheses still growing: for each sentence still being decoded, `width` of them (1 at the first
+    step, when all would start from BOS; K after), with their log-probabilities and tokens."""
+
+    sentence: torch.Tensor  # [n]: each sentence's row in the source batch
+    log_prob: torch.Tensor  # [n, width]: log P(tokens | source); -inf in a slot whose hypothesis has finished
+    tokens: torch.Tensor  # [n, width, steps so far]
+
+    def select(self, index: torch.Tensor) -> Beams:
+        """The beams of the sentences at `index` (of the n)."""
+        return Beams(self.sentence[index], self.log_prob[index], self.tokens[index])
+
+
+class Finished:
+    """For every sentence of the batch, its K best finished hypotheses so far, best first by score."""
+
+    def __init__(self, n_sentences: int, k: int, max_steps: int, device: torch.device):
+        self.score = torch.full((n_sentences, k), NEG_INF, device=device)
+        self.log_prob = torch.full((n_sentences, k), NEG_INF, device=device)
+        self.length = torch.zeros((n_sentences, k), dtype=torch.long, device=device)
+        self.tokens = torch.full((n_sentences, k, max_steps), PAD_ID, dtype=torch.long, device=device)
+
+    def add(self, beams: Beams, ending: torch.Tensor, t: int, alpha: float) -> None:
+        """Merge the hypotheses marked `ending` at step t into their sentences' lists, keeping the K best."""
+        rows, (_, k, max_steps) = beams.sentence, self.tokens.shape
+        eos = beams.tokens[:, :, t] == EOS_ID
+        length = torch.where(eos, t, t + 1)  # EOS is not part of the output
+        score = torch.where(ending, beams.log_prob / length_penalty(t + 1, alpha), NEG_INF)
+        tokens = torch.full((len(rows), k, max_steps), PAD_ID, dtype=torch.long, device=rows.device)
+        tokens[:, :, : t + 1] = beams.tokens
+        tokens[:, :, t].masked_fill_(eos, PAD_ID)
+        merged, best = torch.cat([self.score[rows], score], 1).topk(k, dim=1)
+        self.score[rows] = merged
+        self.log_prob[rows] = torch.cat([self.log_prob[rows], beams.log_prob], 1).gather(1, best)
+        self.length[rows] = torch.cat([self.length[rows], length], 1).gather(1, best)
+        best_tokens = best.unsqueeze(2).expand(-1, -1, max_steps)
+        self.tokens[rows] = torch.cat([self.tokens[rows], tokens], 1).gather(1, best_tokens)
+
+    def hypotheses(self, nbest: int) -> list[list[Hypothesis]]:
+        """The `nbest` best of each sentence as Python lists, converted once per batch."""
+        tokens, lengths = self.tokens[:, :nbest].tolist(), self.length[:, :nbest].tolist()
+        log_probs, scores = self.log_prob[:, :nbest].tolist(), self.score[:, :nbest].tolist()
+        return [
+            [
+                Hypothesis(toks[:n], lp, s)
+                for toks, n, lp, s in zip(tokens[i], lengths[i], log_probs[i], scores[i], strict=True)
+                if s != NEG_INF
+            ]
+            for i in range(len(tokens))
+        ]
+
+
+def expand(beams: Beams, log_probs: torch.Tensor, k: int) -> tuple[Beams, torch.Tensor]:
+    """Each sentence's K best one-token extensions of its hypotheses (log_probs [n * width, V] from the
+    decoder), and for each the decoder row of the hypothesis it extends."""
+    n, width = beams.log_prob.shape
+    vocab = log_probs.size(-1)
+    candidates = beams.log_prob.unsqueeze(2) + log_probs.view(n, width, vocab)
+    log_prob, top = candidates.view(n, width * vocab).topk(k, dim=1)  # [n, K]
+    origin, token = top // vocab, top % vocab
+    steps = beams.tokens.size(2)
+    tokens = torch.cat([beams.tokens.gather(1, origin.unsqueeze(2).expand(-1, -1, steps)), token.unsqueeze(2)], 2)
+    rows = torch.arange(n, device=origin.device).unsqueeze(1) * width + origin
+    return Beams(beams.sentence, log_prob, tokens), rows
+
+
 @torch.inference_mode()
 def beam_search(
     model, src: torch.Tensor, max_len: torch.Tensor, beam_size: int, alpha: float, nbest: int
@@ -48,99 +115,48 @@ def beam_search(
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"nbest ({nbest}) must be between 1 and beam_size ({beam_size})")
     model.eval()
-    device, n_sent, k = src.device, src.size(0), beam_size
+    device, n_sentences, k = src.device, src.size(0), beam_size
     max_len = max_len.to(device)
-    t_max = int(max_len.max())
-    memory = model.encode(src)
-    cache = model.init_cache()
+    memory, cache = model.encode(src), model.init_cache()
+    # The first step runs one decoder row per sentence (all K beams would start from the same BOS).
+    beams = Beams(
+        torch.arange(n_sentences, device=device),
+        torch.zeros((n_sentences, 1), device=device),
+        torch.empty((n_sentences, 1, 0), dtype=torch.long, device=device),
+    )
+    prev = torch.full((n_sentences,), BOS_ID, dtype=torch.long, device=device)
+    finished = Finished(n_sentences, k, int(max_len.max()), device)
 
-    # Live state, for the sentences still decoding (`live` holds their rows in `src`). The first step
-    # runs one row per sentence (all K beams would start from the same BOS); its K best fan out.
-    live = torch.arange(n_sent, device=device)
-    alive_lp = torch.zeros((n_sent, 1), device=device)
-    alive_tokens = torch.empty((n_sent, 1, 0), dtype=torch.long, device=device)
-    prev = torch.full((n_sent,), BOS_ID, dtype=torch.long, device=device)
-    # Finished state, for every sentence: the K best finished hypotheses by score, best first.
-    fin_score = torch.full((n_sent, k), NEG_INF, device=device)
-    fin_lp = torch.full((n_sent, k), NEG_INF, device=device)
-    fin_len = torch.zeros((n_sent, k), dtype=torch.long, device=device)
-    fin_tokens = torch.full((n_sent, k, t_max), PAD_ID, dtype=torch.long, device=device)
-
-    for t in range(t_max):
-        n_live, width = alive_lp.shape  # width: decoder rows per sentence (1 at the first step, then K)
+    for t in range(int(max_len.max())):
+        width = beams.log_prob.size(1)
         log_probs, cache = model.decode_step(prev, memory, cache)
-        vocab = log_probs.size(-1)
-        candidates = alive_lp.unsqueeze(2) + log_probs.view(n_live, width, vocab)
-        top_lp, top = candidates.view(n_live, width * vocab).topk(k, dim=1)  # [n_live, K]
-        origin, token = top // vocab, top % vocab
-        tokens = torch.cat([alive_tokens.gather(1, origin.unsqueeze(2).expand(-1, -1, t)), token.unsqueeze(2)], 2)
-
-        # Candidates that finish now: EOS, or the last token this sentence may have.
-        valid = torch.isfinite(top_lp)
-        eos = token == EOS_ID
-        at_limit = (max_len[live] <= t + 1).unsqueeze(1)
-        finishing = valid & (eos | at_limit)
-        if bool(finishing.any()):
-            new_len = torch.where(eos, t, t + 1)  # EOS is not part of the output
-            new_score = torch.where(finishing, top_lp / length_penalty(t + 1, alpha), NEG_INF)
-            new_tokens = torch.full((n_live, k, t_max), PAD_ID, dtype=torch.long, device=device)
-            new_tokens[:, :, : t + 1] = tokens
-            new_tokens[:, :, t].masked_fill_(eos, PAD_ID)
-            # merge with the finished lists so far and keep the K best, best first
-            score, best = torch.cat([fin_score[live], new_score], 1).topk(k, dim=1)
-            fin_score[live] = score
-            fin_lp[live] = torch.cat([fin_lp[live], top_lp], 1).gather(1, best)
-            fin_len[live] = torch.cat([fin_len[live], new_len], 1).gather(1, best)
-            fin_tokens[live] = torch.cat([fin_tokens[live], new_tokens], 1).gather(
-                1, best.unsqueeze(2).expand(-1, -1, t_max)
-            )
-        alive_lp = top_lp.masked_fill(finishing, NEG_INF)
-        alive_tokens = tokens
-
-        # A sentence is done when no live hypothesis can still beat its n-th best finished one (as in
-        # Hugging Face's default: exact for alpha = 0, since log-probabilities only fall), or at its limit.
-        best_alive = alive_lp.max(1).values
-        nth_finished = fin_score[live][:, nbest - 1]
-        done = (
-            (max_len[live] <= t + 1)
-            | ~torch.isfinite(best_alive)
-            | (best_alive / length_penalty(t + 1, alpha) <= nth_finished)
-        )
-        # slot j of sentence i continues candidate (i, j): its cache is row i·width + origin, its input the token
-        rows = torch.arange(n_live, device=device).unsqueeze(1) * width + origin
+        # expand: every hypothesis by every token; each sentence keeps its K best extensions
+        beams, rows = expand(beams, log_probs, k)
+        # finish: an extension that ends in EOS, or that reaches its sentence's limit, joins the finished list,
+        # and its slot stops growing (the next step still fills K slots from the other extensions)
+        at_limit = max_len[beams.sentence] <= t + 1
+        ending = torch.isfinite(beams.log_prob) & ((beams.tokens[:, :, t] == EOS_ID) | at_limit.unsqueeze(1))
+        if bool(ending.any()):
+            finished.add(beams, ending, t, alpha)
+        beams.log_prob = beams.log_prob.masked_fill(ending, NEG_INF)
+        # prune: a sentence is done at its limit, or when no live hypothesis can still beat its n-th best
+        # finished one (as in Hugging Face's default: exact for alpha = 0, since log-probabilities only fall)
+        best_alive = beams.log_prob.max(1).values
+        nth_finished = finished.score[beams.sentence, nbest - 1]
+        done = at_limit | ~torch.isfinite(best_alive) | (best_alive / length_penalty(t + 1, alpha) <= nth_finished)
         keep = None
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            live, alive_lp, alive_tokens, rows, token = (
-                live[keep],
-                alive_lp[keep],
-                alive_tokens[keep],
-                rows[keep],
-                token[keep],
-            )
-        if keep is not None or width != k:  # sentences left, or the first step fanned out
-            first_rows = (keep if keep is not None else torch.arange(n_live, device=device)) * width
+            beams, rows = beams.select(keep), rows[keep]
+        # The decoder follows: memory rows per kept sentence (K copies each; re-selected only when sentences left
+        # or the first step fanned out), cache rows per kept hypothesis (in place with one beam and no departures).
+        if keep is not None or width != k:
+            first_rows = (keep if keep is not None else torch.arange(len(done), device=device)) * width
             memory = memory.index_select(first_rows.repeat_interleave(k))
-        if k > 1 or keep is not None:  # with one beam the rows stay in place unless sentences leave
+        if k > 1 or keep is not None:
             cache = model.reorder_cache(cache, rows.view(-1))
-        prev = token.reshape(-1)
+        prev = beams.tokens[:, :, t].reshape(-1)
 
-    return _to_hypotheses(fin_tokens, fin_len, fin_lp, fin_score, nbest)
-
-
-def _to_hypotheses(
-    tokens: torch.Tensor, lengths: torch.Tensor, log_probs: torch.Tensor, scores: torch.Tensor, nbest: int
-) -> list[list[Hypothesis]]:
-    """Tensors of finished hypotheses (best first) to Python lists, once per batch."""
-    tokens, lengths = tokens[:, :nbest].tolist(), lengths[:, :nbest].tolist()
-    log_probs, scores = log_probs[:, :nbest].tolist(), scores[:, :nbest].tolist()
-    return [
-        [
-            Hypothesis(toks[:n], lp, s)
-            for toks, n, lp, s in zip(tokens[i], lengths[i], log_probs[i], scores[i], strict=True)
-            if s != NEG_INF
-        ]
-        for i in range(len(tokens))
-    ]
+    return finished.hypotheses(nbest)

@@ -11,7 +11,7 @@ import torch
 from seq2seq.beam import beam_search, length_penalty
 from seq2seq.config import DecodingParams, ModelParams
 from seq2seq.data import pad_batch
-from seq2seq.decoding import greedy_decode, token_batches, translate_nbest
+from seq2seq.decoding import greedy_decode, source_batches, translate_nbest
 from seq2seq.models import FAMILIES, build_model
 from seq2seq.tokenizer import EOS_ID
 from tests.pipeline_fixtures import committed_params
@@ -133,13 +133,15 @@ def test_search_stops_when_the_beams_have_finished() -> None:
     assert model.steps <= 6  # every hypothesis ends within a few tokens; the limit of 200 is never approached
 
 
-def test_token_batches_respect_both_limits_and_cover_every_sentence() -> None:
+def test_source_batches_respect_both_limits_and_cover_every_sentence() -> None:
     lengths = [5, 30, 2, 2, 17, 9, 40, 1, 3, 12]
-    batches = token_batches(lengths, max_tokens=40, max_sentences=3)
+    batches = source_batches(lengths, max_sentences=3, max_tokens=40)
     assert sorted(i for b in batches for i in b.tolist()) == list(range(len(lengths)))
     for b in batches:
         assert len(b) <= 3
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 40
+    # without a token limit (greedy validation): consecutive runs of the length order
+    assert [b.tolist() for b in source_batches(lengths, max_sentences=4)] == [[7, 2, 3, 8], [0, 5, 9, 4], [1, 6]]
 
 
 def test_translate_nbest_restores_input_order_whatever_the_batching(toy) -> None:
