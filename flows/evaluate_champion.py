@@ -1,9 +1,9 @@
 """The `evaluate-champion` flow: re-score the registered `champion` on the test sets, on a schedule.
 
 It loads `models:/<name>@champion` as the pyfunc model users load, translates each configured test set
-from this worker's clone (pulled from the DVC remote when missing), scores it with the evaluate stage's
-`score`, and logs the numbers to a new MLflow run tagged with the version, so drift in the scorer, the
-references or the environment shows up between retrains.
+from this worker's clone (pulled from the DVC remote when missing), scores it as the evaluate stage does
+(seq2seq.score.score_corpus), and logs the numbers to a new MLflow run tagged with the version, so drift
+in the scorer, the references or the environment shows up between retrains.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ def score_champion(
 ) -> dict[str, dict]:
     import mlflow.pyfunc
 
+    from seq2seq.score import score_corpus
     from seq2seq.textio import read_lines
-    from stages.evaluate import score
 
     model = mlflow.pyfunc.load_model(model_uri)
     results = {}
     for name, (src, ref) in test_sets.items():
         hypotheses = list(model.predict(list(read_lines(src))))
-        results[name] = score(hypotheses, list(read_lines(ref)), chrf_word_order=chrf_word_order)
+        results[name] = score_corpus(hypotheses, [list(read_lines(ref))], chrf_word_order, bootstrap_samples=0)
         log().info("%s on %s: BLEU %.2f chrF %.2f", model_uri, name, results[name]["bleu"], results[name]["chrf"])
     return results
 
@@ -54,20 +54,21 @@ def evaluate_champion(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from seq2seq import paths
     from seq2seq.config import load_params
     from seq2seq.tracking import mlflow, setup_mlflow
 
     wd = resolve_workdir(workdir)
     params = load_params(wd / "params.yaml")
-    name = model_name or params.export.registered_model_name.format(src=params.data.src_lang, tgt=params.data.tgt_lang)
+    name = model_name or params.registered_name()
     setup_mlflow(params.mlflow)
     try:
         version = MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException:
         log().warning("no model version of %s has the alias %r yet; nothing to score", name, alias)
         return {}
-    src, tgt = params.data.src_lang, params.data.tgt_lang
-    test_sets = {t: (wd / "data/clean/test" / f"{t}.{src}", wd / "data/raw" / f"{t}.{tgt}") for t in params.data.test}
+    src, tgt = params.data.langs
+    test_sets = {t: (wd / paths.CLEAN / "test" / f"{t}.{src}", wd / paths.RAW / f"{t}.{tgt}") for t in params.data.test}
     with workspace_lock(wd, lock_wait_s, holder="evaluate-champion"):
         pull_missing(wd, [p for pair in test_sets.values() for p in pair], remote)
     model_uri = f"models:/{name}@{alias}"

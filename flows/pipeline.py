@@ -132,7 +132,7 @@ def report(workdir: Path) -> str:
     from seq2seq.config import load_params
 
     params = load_params(workdir / "params.yaml")
-    model_name = params.export.registered_model_name.format(src=params.data.src_lang, tgt=params.data.tgt_lang)
+    model_name = params.registered_name()
     markdown = workspace_report(workdir, params.mlflow.tracking_uri, model_name)
     create_markdown_artifact(key="nmt-metrics", markdown=markdown, description="test scores vs the champion")
     return markdown

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from seq2seq import paths
 from seq2seq.config import MlflowParams
 from seq2seq.textio import write_json
 
@@ -23,8 +24,6 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 import mlflow
 from mlflow.entities import Metric
 
-RUN_FILE = Path("models/train_run.json")
-
 
 def setup_mlflow(p: MlflowParams) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id."""
@@ -33,11 +32,11 @@ def setup_mlflow(p: MlflowParams) -> str:
     return experiment.experiment_id
 
 
-def write_run_file(run_id: str, experiment_id: str, tracking_uri: str, path: Path = RUN_FILE) -> None:
+def write_run_file(run_id: str, experiment_id: str, tracking_uri: str, path: Path = paths.RUN_FILE) -> None:
     write_json(path, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri})
 
 
-def read_run_id(path: Path = RUN_FILE) -> str:
+def read_run_id(path: Path = paths.RUN_FILE) -> str:
     """The MLflow run id that the train stage wrote, so later stages log to the same run."""
     try:
         return json.loads(Path(path).read_text())["run_id"]

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from seq2seq import paths
 from seq2seq.config import DecodingParams, ParamsError, load_params
 from seq2seq.decoding import translate_nbest
+from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, atomic_write
 
 log = logging.getLogger("seq2seq.translate")
@@ -46,10 +48,13 @@ def translate_texts(
     device: torch.device,
     warn: Callable[[str], None] = log.warning,
     first_line: int = 1,
+    progress: Progress | None = None,
 ) -> list[list[Translation]]:
     """The n-best translations of each text, best first; an empty (or blank) text translates to ""."""
     nonempty = [i for i, t in enumerate(texts) if t.strip()]
     results: list[list[Translation]] = [[Translation("", 0.0, 0.0)] for _ in texts]
+    if progress is not None:
+        progress.advance(len(texts) - len(nonempty))  # empty lines need no decoding
     if not nonempty:
         return results
     ids = tokenizer.encode([texts[i] for i in nonempty])
@@ -58,7 +63,7 @@ def translate_texts(
         if len(seq) > limit:
             warn(f"line {first_line + nonempty[j]}: {len(seq)} subword tokens, truncated to {limit} (max_positions)")
             ids[j] = seq[:limit]
-    nbest = translate_nbest(model, ids, opts, device)
+    nbest = translate_nbest(model, ids, opts, device, progress)
     for i, hyps in zip(nonempty, nbest, strict=True):
         texts_out = tokenizer.decode([h.tokens for h in hyps])
         results[i] = [Translation(t, h.score, h.log_prob) for t, h in zip(texts_out, hyps, strict=True)]
@@ -93,7 +98,7 @@ def load_translator(model_ref: str, spm: Path | None, params_path: Path) -> tupl
     from seq2seq.tokenizer import Tokenizer
 
     model = cpu.accelerate(load_model(Path(model_ref), "cpu")[0])
-    tokenizer = Tokenizer(spm or Path("data/tokenized/spm.model"))
+    tokenizer = Tokenizer(spm or paths.SPM_MODEL)
     return model, tokenizer, load_params(params_path).evaluate.decoding()
 
 
@@ -102,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="nmt-translate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-m", "--model", required=True, help="models:/<name>@<alias>, models:/<name>/<v> or model.pt")
-    parser.add_argument("--spm", type=Path, help="SentencePiece model for a checkpoint (data/tokenized/spm.model)")
+    parser.add_argument("--spm", type=Path, help=f"SentencePiece model for a checkpoint (default: {paths.SPM_MODEL})")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="decoding defaults for a checkpoint")
     parser.add_argument("-i", "--input", type=Path, help="input file (default: stdin)")
     parser.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")

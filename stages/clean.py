@@ -1,8 +1,9 @@
-"""Clean stage: normalise every split, filter the training pairs, write data/clean and metrics/clean.json.
+"""clean: normalise every split, filter the training pairs, write data/clean and metrics/clean.json.
 
-Train pairs go through the rules below (first failing rule is counted); dev and test sets are only
-normalised, line for line, so they stay aligned with their references. Input is streamed in chunks
-of clean.chunk_lines pairs; the only state that grows with the corpus is the dedup hash set.
+Reads data/raw/<dataset>.<lang>. Train pairs go through the rules below (first failing rule is counted);
+dev and test sets are only normalised, line for line, so they stay aligned with their references. Input
+is streamed in chunks of clean.chunk_lines pairs; the only state that grows with the corpus is the dedup
+hash set.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from seq2seq.config import Params, ParamsError, load_params
-from seq2seq.textio import TextFormatError, atomic_write, read_aligned, write_json
+from seq2seq import cli, paths
+from seq2seq.config import CleanParams, Params, ParamsError, load_params
+from seq2seq.progress import Progress
+from seq2seq.textio import TextFormatError, atomic_write, count_lines, read_aligned, write_json
 
 DROP_RULES = ("empty", "too_short", "too_long", "length_ratio", "duplicate", "langid")
 
@@ -157,8 +160,8 @@ class TrainFilter:
         self.dropped = dict.fromkeys(DROP_RULES, 0)
         # The only state that grows with corpus size: one 8-byte hash per distinct kept pair.
         self.seen = HashSet()
-        self.identifier = language_identifier(params.data.src_lang, params.data.tgt_lang) if self.cfg.langid else None
-        self.langs = (params.data.src_lang, params.data.tgt_lang)
+        self.langs = params.data.langs
+        self.identifier = language_identifier(*self.langs) if self.cfg.langid else None
 
     def keep_mask(self, src: pd.Series, tgt: pd.Series) -> np.ndarray:
         """Which normalised pairs to keep; each dropped pair is counted under the first rule it fails."""
@@ -209,14 +212,14 @@ def _scatter(n: int, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def clean(
     params: Params,
-    raw_dir: Path = Path("data/raw"),
-    out_dir: Path = Path("data/clean"),
-    metrics_path: Path = Path("metrics/clean.json"),
+    raw_dir: Path = paths.RAW,
+    out_dir: Path = paths.CLEAN,
+    metrics_path: Path = paths.METRICS / "clean.json",
 ) -> dict:
     """Clean train, normalise dev/test, write outputs atomically (all or none) and return the metrics."""
     raw_dir, out_dir, metrics_path = Path(raw_dir), Path(out_dir), Path(metrics_path)
     data, cfg = params.data, params.clean
-    langs = (data.src_lang, data.tgt_lang)
+    langs = data.langs
 
     def raw(name: str) -> tuple[Path, Path]:
         return raw_dir / f"{name}.{langs[0]}", raw_dir / f"{name}.{langs[1]}"
@@ -226,10 +229,12 @@ def clean(
     if missing:
         raise FileNotFoundError(f"missing raw input(s) (run the download stage first): {', '.join(missing)}")
     train_filter = TrainFilter(params)
+    total = sum(count_lines(raw(name)[0]) for name in [*data.train, data.dev, *data.test])  # a fast pass: no decoding
 
     # Every output is an atomic writer held open until all inputs are processed: an exception
     # anywhere (misaligned or undecodable input) unwinds them all and leaves only the old files.
     with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(Progress("clean", total, unit="pairs"))
 
         def open_pair(stem: Path) -> tuple[IO[str], IO[str]]:
             src_f = stack.enter_context(atomic_write(stem.with_name(f"{stem.name}.{langs[0]}")))
@@ -248,13 +253,11 @@ def clean(
                 write_lines(train_out[0], src[keep])
                 write_lines(train_out[1], tgt[keep])
                 kept += int(keep.sum())
+                progress.advance(len(src))
 
-        dev_lines = {
-            data.dev: normalize_only(*raw(data.dev), open_pair(out_dir / "dev"), cfg.normalization, cfg.chunk_lines)
-        }
+        dev_lines = {data.dev: normalize_only(*raw(data.dev), open_pair(out_dir / "dev"), cfg, progress)}
         test_lines = {
-            name: normalize_only(*raw(name), open_pair(out_dir / "test" / name), cfg.normalization, cfg.chunk_lines)
-            for name in data.test
+            name: normalize_only(*raw(name), open_pair(out_dir / "test" / name), cfg, progress) for name in data.test
         }
 
         report = {
@@ -270,24 +273,24 @@ def clean(
     return report
 
 
-def normalize_only(src: Path, tgt: Path, out: tuple[IO[str], IO[str]], form: str, chunk_lines: int) -> int:
+def normalize_only(src: Path, tgt: Path, out: tuple[IO[str], IO[str]], cfg: CleanParams, progress: Progress) -> int:
     """Normalise an aligned dev/test pair line for line (no line dropped or added); return its line count."""
     n = 0
-    for src_lines, tgt_lines in chunks(src, tgt, chunk_lines):
+    for src_lines, tgt_lines in chunks(src, tgt, cfg.chunk_lines):
         n += len(src_lines)
-        write_lines(out[0], normalize(src_lines, form))
-        write_lines(out[1], normalize(tgt_lines, form))
+        write_lines(out[0], normalize(src_lines, cfg.normalization))
+        write_lines(out[1], normalize(tgt_lines, cfg.normalization))
+        progress.advance(len(src_lines))
     return n
 
 
-def main() -> None:
-    """Entry point for `python -m stages.clean`: params.yaml in the cwd, errors to stderr, exit 1."""
+def main(argv: list[str] | None = None) -> None:
+    args = cli.stage_parser("clean", __doc__).parse_args(argv)
     start = time.perf_counter()
     try:
-        report = clean(load_params())
+        report = clean(load_params(args.params))
     except (ParamsError, TextFormatError, FileNotFoundError) as err:
-        print(f"clean: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail("clean", err)
     dropped = ", ".join(f"{rule} {n}" for rule, n in report["dropped"].items() if n)
     print(
         f"clean: kept {report['kept_pairs']} of {report['input_pairs']} train pairs"

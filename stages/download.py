@@ -1,4 +1,4 @@
-"""Stage `download`: fetch every dataset the run names and write it as aligned plain text.
+"""download: fetch every dataset the run names and write it as aligned plain text.
 
 For each dataset in data.train + data.dev + data.test this writes `<out_dir>/<name>.<lang>` for the
 source and target language (UTF-8, one segment per line, every line newline-terminated) and
@@ -33,6 +33,7 @@ import requests
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from seq2seq import cli, paths
 from seq2seq.config import MIRROR_ENV, Checksum, DatasetSource, DownloadParams, Params, ParamsError, load_params
 from seq2seq.textio import TextFormatError, atomic_write, write_json
 
@@ -56,12 +57,10 @@ class _TransientError(Exception):
     """A failure worth retrying: 5xx, a connection cut short."""
 
 
-def download(
-    params: Params, out_dir: Path = Path("data/raw"), cache_dir: Path = Path("data/downloads")
-) -> dict[str, dict[str, Any]]:
+def download(params: Params, out_dir: Path = paths.RAW, cache_dir: Path = paths.DOWNLOADS) -> dict[str, dict[str, Any]]:
     """Write `<out_dir>/<dataset>.<lang>` for every dataset of the run plus manifest.json; return the manifest."""
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
-    langs = (params.data.src_lang, params.data.tgt_lang)
+    langs = params.data.langs
     names = list(dict.fromkeys([*params.data.train, params.data.dev, *params.data.test]))
     manifest: dict[str, dict[str, Any]] = {}
     with _Fetcher(params.download, cache_dir, langs) as fetcher, contextlib.ExitStack() as outputs:
@@ -527,16 +526,14 @@ def _sgml_segments(stream: IO[bytes], label: str) -> Iterator[bytes]:
 # --- Entry point -----------------------------------------------------------------------------------------
 
 
-def main() -> int:
-    """`python -m stages.download`: read params.yaml, download, write data/raw; errors go to stderr."""
+def main(argv: list[str] | None = None) -> None:
+    args = cli.stage_parser("download", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="download: %(message)s", stream=sys.stderr)
     try:
-        download(load_params())
+        download(load_params(args.params))
     except (ParamsError, DownloadError, TextFormatError) as err:
-        print(f"download: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        cli.fail("download", err)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,27 +11,21 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from seq2seq import cpu
+from seq2seq import cli, cpu, paths
 from seq2seq.checkpoint import CheckpointError, load_model
 from seq2seq.config import Params, ParamsError, load_params
 from seq2seq.device import pick_device
+from seq2seq.progress import Progress
 from seq2seq.score import bleu_by_length, score_corpus
 from seq2seq.textio import TextFormatError, atomic_write, read_lines, write_json
 from seq2seq.tokenizer import Tokenizer
 from seq2seq.tracking import mlflow, read_run_id, setup_mlflow
 from seq2seq.translate import translate_texts
-
-
-def score(hypotheses: list[str], references: list[str], chrf_word_order: int = 2, bootstrap_samples: int = 0) -> dict:
-    """One test set's scores against one reference stream (kept for callers of the old name; the
-    defaults match params.yaml's evaluate section: prefer seq2seq.score.score_corpus with params)."""
-    return score_corpus(hypotheses, [references], chrf_word_order, bootstrap_samples)
 
 
 def plot_png(by_length: dict[str, list[dict]], loss_csv: Path, out: Path) -> None:
@@ -61,16 +55,17 @@ def plot_png(by_length: dict[str, list[dict]], loss_csv: Path, out: Path) -> Non
 
 def evaluate(
     params: Params,
-    model_path: Path = Path("models/model.pt"),
-    data_dir: Path = Path("data"),
-    tokenizer_path: Path = Path("data/tokenized/spm.model"),
-    hyp_dir: Path = Path("eval"),
-    metrics_path: Path = Path("metrics/eval.json"),
-    plots_dir: Path = Path("plots"),
-    run_file: Path = Path("models/train_run.json"),
+    model_path: Path = paths.MODEL,
+    clean_dir: Path = paths.CLEAN,
+    raw_dir: Path = paths.RAW,
+    tokenizer_path: Path = paths.SPM_MODEL,
+    hyp_dir: Path = paths.EVAL,
+    metrics_path: Path = paths.METRICS / "eval.json",
+    plots_dir: Path = paths.PLOTS,
+    run_file: Path = paths.RUN_FILE,
 ) -> dict:
     """Translate and score every configured test set; returns {test set: scores}."""
-    src_lang, tgt_lang = params.data.src_lang, params.data.tgt_lang
+    src_lang, tgt_lang = params.data.langs
     device = pick_device(params.train.device)
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
@@ -80,15 +75,22 @@ def evaluate(
     results: dict[str, dict] = {}
     by_length: dict[str, list[dict]] = {}
     for name in params.data.test:
-        source_path = data_dir / "clean" / "test" / f"{name}.{src_lang}"
+        source_path = clean_dir / "test" / f"{name}.{src_lang}"
         sources = list(read_lines(source_path))
-        references = list(read_lines(data_dir / "raw" / f"{name}.{tgt_lang}"))
+        references = list(read_lines(raw_dir / f"{name}.{tgt_lang}"))
         if len(sources) != len(references):
             raise TextFormatError(f"test set {name}: {len(sources)} source lines vs {len(references)} reference lines")
         t0 = time.perf_counter()
-        nbest = translate_texts(
-            model, tokenizer, sources, p.decoding(), device, warn=lambda m, f=source_path: print(f"evaluate: {f}: {m}")
-        )
+        with Progress(f"evaluate {name}", len(sources), unit="sentences") as progress:
+            nbest = translate_texts(
+                model,
+                tokenizer,
+                sources,
+                p.decoding(),
+                device,
+                warn=lambda m, f=source_path: print(f"evaluate: {f}: {m}"),
+                progress=progress,
+            )
         seconds = time.perf_counter() - t0
         hypotheses = [n[0].text for n in nbest]
         with atomic_write(hyp_dir / f"{name}.{tgt_lang}") as f:
@@ -125,11 +127,12 @@ def evaluate(
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = cli.stage_parser("evaluate", __doc__).parse_args(argv)
     try:
-        results = evaluate(load_params())
+        results = evaluate(load_params(args.params))
     except (ParamsError, FileNotFoundError, TextFormatError, CheckpointError) as err:
-        sys.exit(f"evaluate: {err}")
+        cli.fail("evaluate", err)
     print(f"evaluate: {json.dumps({k: v['bleu'] for k, v in results.items()})}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import yaml
 from mlflow.models import infer_signature
 
 import seq2seq
+from seq2seq import cli, paths
 from seq2seq.checkpoint import CheckpointError, load_checkpoint
 from seq2seq.config import Params, ParamsError, load_params
 from seq2seq.serving import Translator
@@ -26,14 +26,10 @@ from seq2seq.textio import write_json
 from seq2seq.tracking import git_commit, mlflow, read_run_id, setup_mlflow
 
 # DVC outputs whose hashes identify what a model was trained and scored on
-LINEAGE_OUTS = ("data/raw", "data/clean", "data/tokenized", "models/model.pt")
+LINEAGE_OUTS = tuple(str(path) for path in (paths.RAW, paths.CLEAN, paths.TOKENIZED, paths.MODEL))
 
 
-def registered_name(params: Params) -> str:
-    return params.export.registered_model_name.format(src=params.data.src_lang, tgt=params.data.tgt_lang)
-
-
-def lineage_tags(params: Params, lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
+def lineage_tags(params: Params, lock_path: Path = paths.DVC_LOCK) -> dict[str, str]:
     """Git commit, the params' hash and the DVC hashes (from dvc.lock) of the data and model outputs."""
     canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True)
     tags = {"git_commit": git_commit() or "unknown", "params_sha256": hashlib.sha256(canonical.encode()).hexdigest()}
@@ -62,17 +58,17 @@ def score_tags(scores: dict[str, dict]) -> dict[str, str]:
 
 def export(
     params: Params,
-    model_path: Path = Path("models/model.pt"),
-    tokenizer_path: Path = Path("data/tokenized/spm.model"),
-    eval_path: Path = Path("metrics/eval.json"),
-    run_file: Path = Path("models/train_run.json"),
-    out_path: Path = Path("models/export.json"),
-    lock_path: Path = Path("dvc.lock"),
+    model_path: Path = paths.MODEL,
+    tokenizer_path: Path = paths.SPM_MODEL,
+    eval_path: Path = paths.METRICS / "eval.json",
+    run_file: Path = paths.RUN_FILE,
+    out_path: Path = paths.EXPORT,
+    lock_path: Path = paths.DVC_LOCK,
 ) -> dict:
     """Log and register the pyfunc model, tag the version and make it the challenger; returns export.json."""
     load_checkpoint(model_path)  # fail here, clearly, rather than inside MLflow on a bad file
     scores = json.loads(Path(eval_path).read_text())
-    name = registered_name(params)
+    name = params.registered_name()
     decoding = params.evaluate.decoding().model_dump()
     setup_mlflow(params.mlflow)
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,11 +111,12 @@ def export(
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = cli.stage_parser("export", __doc__).parse_args(argv)
     try:
-        result = export(load_params())
+        result = export(load_params(args.params))
     except (ParamsError, FileNotFoundError, CheckpointError) as err:
-        sys.exit(f"export: {err}")
+        cli.fail("export", err)
     print(f"export: registered {result['model_uri']} (alias challenger; promote with python -m seq2seq.promote)")
 
 

@@ -8,27 +8,32 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from seq2seq import cli, paths
 from seq2seq.config import Params, ParamsError, load_params
 from seq2seq.data import TokenArrayWriter, dtype_for
-from seq2seq.textio import TextFormatError, read_lines, write_json
+from seq2seq.progress import Progress
+from seq2seq.textio import TextFormatError, count_lines, read_lines, write_json
 from seq2seq.tokenizer import Tokenizer, train_sentencepiece
 
 ENCODE_CHUNK = 50_000  # lines per SentencePiece batch call
 
 
-def split_files(params: Params, clean_dir: Path) -> dict[str, Path]:
-    """Split name -> file prefix (without language suffix) of the cleaned text."""
-    splits = {"train": clean_dir / "train", "dev": clean_dir / "dev"}
-    for name in params.data.test:
-        splits[f"test/{name}"] = clean_dir / "test" / name
-    return splits
+def split_texts(params: Params, clean_dir: Path) -> dict[str, dict[str, Path]]:
+    """Split name -> language -> the cleaned text file."""
+    prefixes = {"train": clean_dir / "train", "dev": clean_dir / "dev"}
+    prefixes.update({f"test/{name}": clean_dir / "test" / name for name in params.data.test})
+    return {
+        split: {lang: prefix.with_name(f"{prefix.name}.{lang}") for lang in params.data.langs}
+        for split, prefix in prefixes.items()
+    }
 
 
-def encode_file(tokenizer: Tokenizer, text: Path, prefix: Path, num_threads: int) -> tuple[int, int]:
+def encode_file(
+    tokenizer: Tokenizer, text: Path, prefix: Path, num_threads: int, progress: Progress
+) -> tuple[int, int]:
     """Encode a text file into `<prefix>.bin/.idx`; returns (sentences, tokens)."""
     writer = TokenArrayWriter(prefix, dtype_for(tokenizer.vocab_size))
     n_sent = n_tok = 0
@@ -39,6 +44,7 @@ def encode_file(tokenizer: Tokenizer, text: Path, prefix: Path, num_threads: int
             writer.write(ids)
             n_sent += len(ids)
             n_tok += sum(map(len, ids))
+            progress.advance(len(ids))
     except BaseException:
         writer.abort()
         raise
@@ -46,22 +52,21 @@ def encode_file(tokenizer: Tokenizer, text: Path, prefix: Path, num_threads: int
     return n_sent, n_tok
 
 
-def tokenize(params: Params, clean_dir: Path = Path("data/clean"), out_dir: Path = Path("data/tokenized")) -> dict:
+def tokenize(params: Params, clean_dir: Path = paths.CLEAN, out_dir: Path = paths.TOKENIZED) -> dict:
     """Train the joint SentencePiece model and encode all splits; returns the meta dict written to meta.json."""
-    p, langs = params.tokenize, (params.data.src_lang, params.data.tgt_lang)
-    splits = split_files(params, clean_dir)
-    for prefix in splits.values():
-        for lang in langs:
-            if not prefix.with_name(f"{prefix.name}.{lang}").is_file():
-                raise FileNotFoundError(f"{prefix}.{lang}: cleaned text not found (run the clean stage)")
+    p, langs = params.tokenize, params.data.langs
+    texts = split_texts(params, clean_dir)
+    for by_lang in texts.values():
+        for text in by_lang.values():
+            if not text.is_file():
+                raise FileNotFoundError(f"{text}: cleaned text not found (run the clean stage)")
     # Build into a sibling temp dir and swap at the end: a failure leaves the previous outputs intact.
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
         t0 = time.perf_counter()
-        train_text = [clean_dir / f"train.{lang}" for lang in langs]
         train_sentencepiece(
-            train_text,
+            list(texts["train"].values()),
             tmp_dir / "spm.model",
             vocab_size=p.vocab_size,
             model_type=p.model_type,
@@ -77,13 +82,15 @@ def tokenize(params: Params, clean_dir: Path = Path("data/clean"), out_dir: Path
             "langs": list(langs),
             "splits": {},
         }
-        for split, prefix in splits.items():
-            entry = {}
-            for lang in langs:
-                text = prefix.with_name(f"{prefix.name}.{lang}")
-                n_sent, n_tok = encode_file(tokenizer, text, tmp_dir / f"{split}.{lang}", p.num_threads)
-                entry[lang] = {"sentences": n_sent, "tokens": n_tok}
-            meta["splits"][split] = entry
+        total = sum(count_lines(text) for by_lang in texts.values() for text in by_lang.values())
+        with Progress("tokenize: encode", total, unit="sentences") as progress:
+            for split, by_lang in texts.items():
+                entry = {}
+                for lang, text in by_lang.items():
+                    prefix = tmp_dir / f"{split}.{lang}"
+                    n_sent, n_tok = encode_file(tokenizer, text, prefix, p.num_threads, progress)
+                    entry[lang] = {"sentences": n_sent, "tokens": n_tok}
+                meta["splits"][split] = entry
         meta["seconds"] = {"sentencepiece": round(spm_seconds, 2), "total": round(time.perf_counter() - t0, 2)}
         write_json(tmp_dir / "meta.json", meta)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -93,11 +100,12 @@ def tokenize(params: Params, clean_dir: Path = Path("data/clean"), out_dir: Path
     return meta
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = cli.stage_parser("tokenize", __doc__).parse_args(argv)
     try:
-        meta = tokenize(load_params())
+        meta = tokenize(load_params(args.params))
     except (ParamsError, TextFormatError, FileNotFoundError) as err:
-        sys.exit(f"tokenize: {err}")
+        cli.fail("tokenize", err)
     train = meta["splits"]["train"]
     print(f"tokenize: vocab {meta['vocab_size']}, train {train}")
 
