@@ -44,11 +44,11 @@ def stage(workdir: Path, args: list[str], env: dict[str, str]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--minutes", type=float, default=1.5)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="a data/ directory with tokenized/, clean/test/, raw/")
+    ap.add_argument("--workdir", type=Path, required=True, help="where to copy the code and run (emptied first)")
+    ap.add_argument("--device", default="cuda", help="train.device for the runs (default: cuda)")
+    ap.add_argument("--minutes", type=float, default=1.5, help="train.max_minutes of the first run")
     args = ap.parse_args()
 
     work = args.workdir

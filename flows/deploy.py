@@ -103,12 +103,14 @@ def parse_param(text: str) -> tuple[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--default-pool", default="default")
-    parser.add_argument("--gpu-pool", default="gpu")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--default-pool", default="default", help="work pool of pipeline and evaluate-champion")
+    parser.add_argument("--gpu-pool", default="gpu", help="work pool of the train deployment")
     parser.add_argument("--pipeline-cron", default="0 3 * * 1", help="default: Mondays 03:00")
     parser.add_argument("--champion-cron", default="0 6 * * *", help="default: daily 06:00")
-    parser.add_argument("--timezone", default="UTC")
+    parser.add_argument("--timezone", default="UTC", help="time zone of the cron schedules (default: UTC)")
     parser.add_argument("--param", type=parse_param, action="append", default=[], help="pipeline parameter name=JSON")
     parser.add_argument("--paused", action="store_true", help="register the schedules inactive")
     parser.add_argument("--create-pools", action="store_true", help="create missing pools as `process` pools")

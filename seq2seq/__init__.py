@@ -1,1 +1,42 @@
-"""seq2seq: the core library of the NMT pipeline (params schema, text I/O, tokenizer, models, decoding)."""
+"""seq2seq: the core library of the NMT pipeline. Its public API, by module (`__all__`):
+
+  config         load_params, Params and its sections: params.yaml's schema; ParamsError
+  textio         read_lines, read_aligned, atomic_write, write_json; TextFormatError
+  tokenizer      Tokenizer, train_sentencepiece, the special ids
+  data           TokenArray(Writer): token ids on disk; token_batches, collate: training batches
+  models         build_model(params.model, vocab_size); FAMILIES: family name -> (config, model class)
+  transformer, rnn, attention_rnn    the model families, as in their papers
+  cpu            accelerate(model): the CPU fast paths, applied to a built model
+  checkpoint     save_checkpoint, load_model; CheckpointError
+  beam, decoding beam_search, greedy_decode, translate_nbest
+  translate      translate_texts and the nmt-translate command
+  score          score_corpus (sacrebleu BLEU, chrF, TER with signatures) and its command
+  serving        Translator: the MLflow pyfunc model
+  tracking       MLflow set-up and ResilientRun
+  promote, preset, ctranslate2_export    commands: python -m seq2seq.<name>
+
+cli, paths, device and progress are plumbing shared by the stages (stages/), not part of the API.
+Nothing is imported here, so `import seq2seq.config` stays cheap for stages that need no torch.
+"""
+
+__all__ = [
+    "attention_rnn",
+    "beam",
+    "checkpoint",
+    "config",
+    "cpu",
+    "ctranslate2_export",
+    "data",
+    "decoding",
+    "models",
+    "preset",
+    "promote",
+    "rnn",
+    "score",
+    "serving",
+    "textio",
+    "tokenizer",
+    "tracking",
+    "transformer",
+    "translate",
+]

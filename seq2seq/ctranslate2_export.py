@@ -137,7 +137,11 @@ def translate_with_ctranslate2(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m seq2seq.ctranslate2_export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("checkpoint", type=Path, help="a Transformer model.pt")
     parser.add_argument("spm", type=Path, help="its SentencePiece model")
     parser.add_argument("out", type=Path, help="the CTranslate2 model directory to write")

@@ -114,20 +114,22 @@ def promote(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m seq2seq.promote", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--name", help="registered model (default: export.registered_model_name from params)")
     parser.add_argument("--version", help=f"version to promote (default: the one aliased {CHALLENGER!r})")
     parser.add_argument("--test-set", help="test set whose BLEU decides (default: the first of data.test)")
     parser.add_argument("--margin", type=float, help="BLEU to add over the champion (default: export.promotion_margin)")
     parser.add_argument("--force", action="store_true", help="promote even if not better; tags who forced it")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: mlflow.tracking_uri from params)")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="the parameters file (default: params.yaml)")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
     except ParamsError as err:
         sys.exit(f"promote: {err}")
-    name = args.name or params.export.registered_model_name.format(src=params.data.src_lang, tgt=params.data.tgt_lang)
+    name = args.name or params.registered_name()
     client = MlflowClient(tracking_uri=args.tracking_uri or params.mlflow.tracking_uri)
     try:
         version = args.version or str(client.get_model_version_by_alias(name, CHALLENGER).version)

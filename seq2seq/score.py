@@ -36,7 +36,6 @@ def score_corpus(
     result = {
         "bleu": round(bleu_score.score, 2),
         "signature": str(bleu.get_signature()),
-        "bleu_signature": str(bleu.get_signature()),  # the same; the name earlier readers use
         "chrf": round(chrf.corpus_score(list(hypotheses), refs).score, 2),
         "chrf_signature": str(chrf.get_signature()),
         "ter": round(ter.corpus_score(list(hypotheses), refs).score, 2),
@@ -73,7 +72,9 @@ def bleu_by_length(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m seq2seq.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hyp", type=Path, required=True, help="detokenized hypotheses, one per line")
     parser.add_argument("--ref", type=Path, action="append", required=True, help="reference file (repeatable)")
     parser.add_argument("--chrf-word-order", type=int, choices=[0, 2], default=2, help="0 = chrF, 2 = chrF++")

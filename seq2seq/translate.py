@@ -5,32 +5,35 @@
     python -m seq2seq.translate -m runs:/<run id>/translator --nbest 3 < input.en    # Moses n-best lines
 
 Decoding options default to the model's bundled decoding config (registry) or params.yaml's `evaluate`
-section (checkpoint); the flags override them. Empty lines give empty lines; lines longer than the
-model's positions are cut with a warning naming the line; input that is not UTF-8 is refused up front,
-naming the line.
+section (checkpoint); the flags override them. The input is read, translated and written 2000 lines at a
+time, so memory stays flat. Empty lines give empty lines; lines longer than the model's positions are cut
+with a warning naming the line; a line that is not UTF-8 is refused, naming it: before the model is loaded
+when it is among the first 2000, else where it is met (an -o file is then not written at all).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from seq2seq import paths
+from seq2seq import cli, paths
+from seq2seq.checkpoint import CheckpointError
 from seq2seq.config import DecodingParams, ParamsError, load_params
 from seq2seq.decoding import translate_nbest
 from seq2seq.progress import Progress
-from seq2seq.textio import TextFormatError, atomic_write
+from seq2seq.textio import TextFormatError, atomic_write, count_lines
 
 log = logging.getLogger("seq2seq.translate")
-CHUNK_LINES = 2000  # lines decoded per call, so output streams and memory stays flat
+CHUNK_LINES = 2000  # lines read, translated and written at a time, so memory stays flat
 
 
 @dataclass(frozen=True)
@@ -70,20 +73,25 @@ def translate_texts(
     return results
 
 
-def read_utf8_lines(data: bytes, name: str) -> list[str]:
-    """Split bytes into lines, refusing (with the line number) any line that is not UTF-8."""
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = []
-    for lineno, raw in enumerate(lines, start=1):
-        try:
-            out.append(raw.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as err:
-            raise TextFormatError(
-                f"{name}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start}); convert the input to UTF-8"
-            ) from None
-    return out
+def read_chunks(path: Path | None, size: int) -> Iterator[list[str]]:
+    """The lines of a file (or of stdin, for None), `size` at a time, decoded as UTF-8; a line that is not
+    UTF-8 is an error naming the file and the line number."""
+    name = str(path) if path else "stdin"
+    with path.open("rb") if path else contextlib.nullcontext(sys.stdin.buffer) as stream:
+        lineno = 0
+        while raw := list(itertools.islice(stream, size)):
+            chunk = []
+            for line in raw:
+                lineno += 1
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise TextFormatError(
+                        f"{name}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start}); "
+                        "convert the input to UTF-8"
+                    ) from None
+                chunk.append(text.removesuffix("\n").rstrip("\r"))
+            yield chunk
 
 
 def load_translator(model_ref: str, spm: Path | None, params_path: Path) -> tuple[Any, Any, DecodingParams]:
@@ -109,23 +117,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("-m", "--model", required=True, help="models:/<name>@<alias>, models:/<name>/<v> or model.pt")
     parser.add_argument("--spm", type=Path, help=f"SentencePiece model for a checkpoint (default: {paths.SPM_MODEL})")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="decoding defaults for a checkpoint")
-    parser.add_argument("-i", "--input", type=Path, help="input file (default: stdin)")
-    parser.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
-    parser.add_argument("--beam-size", type=int)
-    parser.add_argument("--length-penalty", type=float, help="GNMT alpha")
+    parser.add_argument("-i", "--input", type=Path, help="input file, one sentence per line (default: stdin)")
+    parser.add_argument("-o", "--output", type=Path, help="output file, written atomically (default: stdout)")
+    parser.add_argument("--beam-size", type=int, help="hypotheses kept per sentence; 1 = greedy")
+    parser.add_argument("--length-penalty", type=float, help="GNMT alpha: log P / ((5 + len) / 6) ** alpha")
     parser.add_argument("--nbest", type=int, help="> 1 prints Moses n-best lines: index ||| text ||| score")
-    parser.add_argument("--max-len-a", type=float)
-    parser.add_argument("--max-len-b", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--max-len-a", type=float, help="longest output = a * source tokens + b: the a")
+    parser.add_argument("--max-len-b", type=int, help="longest output = a * source tokens + b: the b")
+    parser.add_argument("--batch-size", type=int, help="most sentences per batch")
+    parser.add_argument("--max-tokens", type=int, help="most source tokens per batch, padding included")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    name = str(args.input) if args.input else "stdin"
     try:
-        name = str(args.input) if args.input else "stdin"
-        data = args.input.read_bytes() if args.input else sys.stdin.buffer.read()
-        texts = read_utf8_lines(data, name)  # refuse bad input before loading anything
+        chunks = read_chunks(args.input, CHUNK_LINES)
+        first = next(chunks, [])  # refuse bad input (in the first chunk) before loading anything
         model, tokenizer, defaults = load_translator(args.model, args.spm, args.params)
         flags = {
             "beam_size": args.beam_size,
@@ -139,24 +147,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         opts = DecodingParams.model_validate(
             {**defaults.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
         )
-    except (TextFormatError, FileNotFoundError, ParamsError, ValueError) as err:
-        sys.exit(f"nmt-translate: {err}")
+    except (TextFormatError, FileNotFoundError, ParamsError, CheckpointError, ValueError) as err:
+        cli.fail("nmt-translate", err)
     device = next(model.parameters()).device
 
     def warn(message: str) -> None:
         print(f"nmt-translate: warning: {name}: {message}", file=sys.stderr)
 
+    # Read, translate and write a chunk at a time: memory stays flat however long the input, and a bad line
+    # further on stops the command (an output file is then not written at all).
     out = atomic_write(args.output) if args.output else contextlib.nullcontext(sys.stdout)
-    with out as f:
-        for start in range(0, len(texts), CHUNK_LINES):
-            chunk = texts[start : start + CHUNK_LINES]
-            translations = translate_texts(model, tokenizer, chunk, opts, device, warn, first_line=start + 1)
-            for i, nbest in enumerate(translations):
-                if opts.nbest == 1:
-                    f.write(nbest[0].text + "\n")
-                else:
-                    f.writelines(f"{start + i} ||| {t.text} ||| {t.score:.4f}\n" for t in nbest)
-            f.flush()
+    total = count_lines(args.input) if args.input else None
+    try:
+        with out as f, Progress("nmt-translate", total, unit="lines") as progress:
+            start = 0
+            for chunk in itertools.chain([first], chunks):
+                translations = translate_texts(model, tokenizer, chunk, opts, device, warn, first_line=start + 1)
+                for i, nbest in enumerate(translations):
+                    if opts.nbest == 1:
+                        f.write(nbest[0].text + "\n")
+                    else:
+                        f.writelines(f"{start + i} ||| {t.text} ||| {t.score:.4f}\n" for t in nbest)
+                f.flush()
+                start += len(chunk)
+                progress.advance(len(chunk))
+    except TextFormatError as err:
+        cli.fail("nmt-translate", err)
 
 
 if __name__ == "__main__":

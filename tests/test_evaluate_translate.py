@@ -71,6 +71,39 @@ def test_non_utf8_input_is_refused_naming_the_line(checkpoint, capsys, monkeypat
     assert "stdin:2: not valid UTF-8" in str(exc.value.code)
 
 
+class CountingStdin(io.BytesIO):
+    """stdin bytes that count the lines read so far."""
+
+    lines_read = 0
+
+    def __next__(self) -> bytes:
+        line = super().__next__()
+        self.lines_read += 1
+        return line
+
+
+def test_input_is_read_translated_and_written_a_chunk_at_a_time(checkpoint, capsys, monkeypatch) -> None:
+    stdin = CountingStdin(b"a dog .\nthe cat .\na man .\n\xff bad\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(stdin))
+    monkeypatch.setattr(translate, "CHUNK_LINES", 2)
+    lines_read_at_each_write = []
+    real_stdout = sys.stdout
+
+    class RecordingStdout(io.StringIO):
+        def write(self, text: str) -> int:
+            lines_read_at_each_write.append(stdin.lines_read)
+            return real_stdout.write(text)
+
+    monkeypatch.setattr(sys, "stdout", RecordingStdout())
+    with pytest.raises(SystemExit) as exc:
+        translate.main(checkpoint)
+    # the first chunk was translated and written before the rest was read; the chunk with line 4 stops it
+    assert lines_read_at_each_write[:2] == [2, 2]
+    assert "stdin:4: not valid UTF-8" in str(exc.value.code)
+    first, second = capsys.readouterr().out.splitlines()
+    assert "chien" in first and "chat" in second
+
+
 def test_bad_decoding_option_is_refused(checkpoint, capsys, monkeypatch) -> None:
     with pytest.raises(SystemExit) as exc:
         run_cli([*checkpoint, "--beam-size", "2", "--nbest", "4"], b"a dog .\n", capsys, monkeypatch)

@@ -19,7 +19,7 @@ from flows.workspace import WorkspaceError, merge_lock_entries, read_lock, uncac
 from tests.pipeline_fixtures import REPO, make_workspace, tiny_params, write_toy_corpus
 from tests.prefect_fixtures import prefect_env
 
-SCORES = {"newstest2014": {"bleu": 30.5, "chrf": 58.0, "bleu_signature": "nrefs:1|..."}}
+SCORES = {"newstest2014": {"bleu": 30.5, "chrf": 58.0, "signature": "nrefs:1|..."}}
 
 
 def test_report_compares_with_the_champion_when_there_is_one() -> None:

@@ -48,5 +48,5 @@ def test_demo_preset_on_multi30k(tmp_path: Path) -> None:
     assert clean["kept_pairs"] > 28900
     scores = json.loads((ws / "metrics/eval.json").read_text())["multi30k_test_2016"]
     assert scores["n_sentences"] == 1000
-    print(f"demo BLEU {scores['bleu']} ({scores['bleu_signature']}), chrF {scores['chrf']}")
+    print(f"demo BLEU {scores['bleu']} ({scores['signature']}), chrF {scores['chrf']}")
     assert scores["bleu"] >= (25.0 if FULL else 8.0)
