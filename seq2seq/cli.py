@@ -1,4 +1,5 @@
-"""What every `python -m stages.<name>` entry point shares: its argument parser and the way it fails."""
+"""What every `python -m stages.<name>` entry point shares: its argument parser and the way it fails
+(nmt-translate fails the same way)."""
 
 from __future__ import annotations
 
