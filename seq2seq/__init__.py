@@ -6,7 +6,8 @@
   data           TokenArray(Writer): token ids on disk; token_batches, collate: training batches
   models         build_model(params.model, vocab_size); FAMILIES: family name -> (config, model class)
   transformer, rnn, attention_rnn    the model families, as in their papers
-  cpu            accelerate(model): the CPU fast paths, applied to a built model
+  cpu            accelerate(model): the CPU fast paths, applied to a built model; quantize_int8 for decoding
+  loss           output_loss: the output projection fused with label-smoothed cross-entropy, in chunks
   checkpoint     save_checkpoint, load_model; CheckpointError
   beam, decoding beam_search, greedy_decode, translate_nbest
   translate      translate_texts and the nmt-translate command
@@ -28,6 +29,7 @@ __all__ = [
     "ctranslate2_export",
     "data",
     "decoding",
+    "loss",
     "models",
     "preset",
     "promote",

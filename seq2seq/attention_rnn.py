@@ -102,7 +102,10 @@ class AttentionRNN(RNNEncoderDecoder):
             h_t = out[:, 0]
         return torch.tanh(self.W_c(torch.cat([c_t, h_t], dim=1))), state
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """Teacher forcing: logits, or the training loss given `tgt_out` (see rnn.OutputLayer)."""
         self.check_target_length(tgt_in)
         memory = self.encode(src)
         keys = self.attention.keys(memory.states)
@@ -113,7 +116,7 @@ class AttentionRNN(RNNEncoderDecoder):
         for t in range(tgt_in.size(1)):
             feed, state = self.step(embedded[:, t], memory, keys, state, feed)
             outputs.append(feed)
-        return self.output(torch.stack(outputs, dim=1))
+        return self.output(torch.stack(outputs, dim=1), tgt_out, label_smoothing)
 
     def decode_step(
         self, prev: torch.Tensor, memory: RNNMemory, cache: dict[str, torch.Tensor]

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import RNNConfig
+from seq2seq.loss import output_loss
 from seq2seq.tokenizer import PAD_ID
 
 
@@ -115,8 +116,14 @@ class OutputLayer(nn.Module):
         self.out_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
         self.generator = nn.Linear(cfg.d_model, vocab_size, bias=False)
 
-    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        return self.generator(self.out_proj(self.dropout(outputs)))
+    def forward(
+        self, outputs: torch.Tensor, tgt_out: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """The logits; or, given `tgt_out`, the training loss summed over the real target tokens (seq2seq/loss.py)."""
+        hidden = self.out_proj(self.dropout(outputs))
+        if tgt_out is None:
+            return self.generator(hidden)
+        return output_loss(hidden, self.generator.weight, tgt_out, label_smoothing)
 
 
 def to_rnn_state(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -187,11 +194,14 @@ class RNNSeq2Seq(RNNEncoderDecoder):
         if cfg.share_embeddings:
             self.output.generator.weight = self.tgt_embed.weight
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """Teacher forcing: logits, or the training loss given `tgt_out` (see OutputLayer)."""
         self.check_target_length(tgt_in)
         memory = self.encode(src)
         outputs, _ = self.decoder(self.dropout(self.tgt_embed(tgt_in)), to_rnn_state(memory.h, memory.c))
-        return self.output(outputs)
+        return self.output(outputs, tgt_out, label_smoothing)
 
     def decode_step(
         self, prev: torch.Tensor, memory: RNNMemory, cache: dict[str, torch.Tensor]

@@ -10,6 +10,7 @@ Interface shared with every decoder-side caller (greedy/beam search, evaluation,
   encode(src) -> Memory
   decode_step(prev_tokens, memory, cache) -> (log_probs, cache)   # one target position
   forward(src, tgt_in) -> logits                                  # teacher forcing
+  forward(src, tgt_in, tgt_out, label_smoothing) -> loss          # the training loss, summed
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.config import TransformerConfig
+from seq2seq.loss import output_loss
 from seq2seq.tokenizer import PAD_ID
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]  # each [B, H, S, Dh]
@@ -249,9 +251,15 @@ class Transformer(nn.Module):
             y = layer(y, memory.src_mask, kv, layer_cache)
         return y
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Logits for every target position (teacher forcing)."""
-        return self.generator(self.decoder_norm(self.decode(tgt_in, self.encode(src))))
+    def forward(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """Teacher forcing: the logits of every target position; or, given `tgt_out`, the training loss (the
+        label-smoothed cross-entropy summed over the real target tokens, seq2seq/loss.py)."""
+        hidden = self.decoder_norm(self.decode(tgt_in, self.encode(src)))
+        if tgt_out is None:
+            return self.generator(hidden)
+        return output_loss(hidden, self.generator.weight, tgt_out, label_smoothing)
 
     def init_cache(self) -> list[dict[str, torch.Tensor]]:
         return [{} for _ in self.decoder_layers]

@@ -38,7 +38,6 @@ import numpy as np
 import sacrebleu
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -444,10 +443,7 @@ def evaluate_loss(model: nn.Module, src: TokenArray, tgt: TokenArray, max_tokens
     total, count = 0.0, 0
     for idx in token_batches(src.lengths, tgt.lengths, max_tokens):
         s, t_in, t_out = (x.to(device) for x in collate(src, tgt, idx))
-        logits = model(s, t_in)
-        total += F.cross_entropy(
-            logits.flatten(0, 1).float(), t_out.flatten(), ignore_index=PAD_ID, reduction="sum"
-        ).item()
+        total += model(s, t_in, t_out, label_smoothing=0.0).item()
         count += int((t_out != PAD_ID).sum())
     model.train()
     return total / max(count, 1)
@@ -598,14 +594,8 @@ def train(
             sync = model.no_sync() if procs.ddp and i < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = model(src, tgt_in)
-                loss_sum = F.cross_entropy(
-                    logits.flatten(0, 1).float(),
-                    tgt_out.flatten(),
-                    ignore_index=PAD_ID,
-                    label_smoothing=p.label_smoothing,
-                    reduction="sum",
-                )
+                    # the label-smoothed cross-entropy summed over real target tokens (seq2seq/loss.py)
+                    loss_sum = model(src, tgt_in, tgt_out, p.label_smoothing)
                 # DDP averages the ranks' gradients, hence x world to make it a sum over all_tokens
                 scaler.scale(loss_sum * (procs.world / all_tokens)).backward()
             step_loss += loss_sum.detach()
