@@ -20,9 +20,11 @@ class Translator(mlflow.pyfunc.PythonModel):
         from seq2seq.tokenizer import Tokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = cpu.accelerate(load_model(Path(context.artifacts["checkpoint"]), self.device)[0])
+        # exports from before `quantize` existed decode in fp32
+        self.decoding = {"quantize": "none", **json.loads(Path(context.artifacts["decoding"]).read_text())}
+        model = load_model(Path(context.artifacts["checkpoint"]), self.device)[0]
+        self.model = cpu.for_decoding(model, self.decoding["quantize"])  # fixed at load: requests cannot change it
         self.tokenizer = Tokenizer(context.artifacts["tokenizer"])
-        self.decoding = json.loads(Path(context.artifacts["decoding"]).read_text())
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         """Translations of a list of strings (or a one-column DataFrame); `params` override decoding options."""
@@ -39,4 +41,8 @@ class Translator(mlflow.pyfunc.PythonModel):
             raise ValueError("input must be a list of strings")
         # serving answers with the best translation only
         opts = DecodingParams.model_validate({**self.decoding, **(params or {}), "nbest": 1})
+        if opts.quantize != self.decoding["quantize"]:
+            raise ValueError(
+                f"quantize is {self.decoding['quantize']!r} for this model: it is fixed when the model loads"
+            )
         return [n[0].text for n in translate_texts(self.model, self.tokenizer, texts, opts, self.device)]

@@ -94,20 +94,31 @@ def read_chunks(path: Path | None, size: int) -> Iterator[list[str]]:
             yield chunk
 
 
-def load_translator(model_ref: str, spm: Path | None, params_path: Path) -> tuple[Any, Any, DecodingParams]:
-    """(model, tokenizer, decoding defaults) from an MLflow model URI or a checkpoint path."""
+def load_translator(
+    model_ref: str, spm: Path | None, params_path: Path, quantize: str | None = None
+) -> tuple[Any, Any, DecodingParams]:
+    """(model, tokenizer, decoding defaults) from an MLflow model URI or a checkpoint path; `quantize` ("int8"
+    or "none") overrides the model's or params.yaml's choice."""
+    from seq2seq import cpu
+
     if ":/" in model_ref:  # models:/name@alias, models:/name/3, runs:/id/translator
         import mlflow.pyfunc
 
         wrapper = mlflow.pyfunc.load_model(model_ref).unwrap_python_model()
-        return wrapper.model, wrapper.tokenizer, DecodingParams.model_validate(wrapper.decoding)
-    from seq2seq import cpu
+        defaults = DecodingParams.model_validate(wrapper.decoding)
+        model = wrapper.model
+        if quantize is not None and quantize != defaults.quantize:
+            if defaults.quantize == "int8":
+                raise ValueError(f"{model_ref} decodes with int8 weights; its fp32 weights are not loaded")
+            model = cpu.for_decoding(model, quantize)
+        return model, wrapper.tokenizer, defaults.model_copy(update={"quantize": quantize or defaults.quantize})
     from seq2seq.checkpoint import load_model
     from seq2seq.tokenizer import Tokenizer
 
-    model = cpu.accelerate(load_model(Path(model_ref), "cpu")[0])
-    tokenizer = Tokenizer(spm or paths.SPM_MODEL)
-    return model, tokenizer, load_params(params_path).evaluate.decoding()
+    defaults = load_params(params_path).evaluate.decoding()
+    defaults = defaults.model_copy(update={"quantize": quantize or defaults.quantize})
+    model = cpu.for_decoding(load_model(Path(model_ref), "cpu")[0], defaults.quantize)
+    return model, Tokenizer(spm or paths.SPM_MODEL), defaults
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -126,6 +137,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-len-b", type=int, help="longest output = a * source tokens + b: the b")
     parser.add_argument("--batch-size", type=int, help="most sentences per batch")
     parser.add_argument("--max-tokens", type=int, help="most source tokens per batch, padding included")
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        help="int8: int8 weights on the CPU, ~1.5x faster (default: the model's)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -134,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         chunks = read_chunks(args.input, CHUNK_LINES)
         first = next(chunks, [])  # refuse bad input (in the first chunk) before loading anything
-        model, tokenizer, defaults = load_translator(args.model, args.spm, args.params)
+        model, tokenizer, defaults = load_translator(args.model, args.spm, args.params, args.quantize)
         flags = {
             "beam_size": args.beam_size,
             "length_penalty": args.length_penalty,

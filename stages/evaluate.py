@@ -69,7 +69,7 @@ def evaluate(
     device = pick_device(params.train.device)
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
-    model = cpu.accelerate(load_model(model_path, device)[0])
+    model = cpu.for_decoding(load_model(model_path, device)[0], params.evaluate.quantize)
     tokenizer = Tokenizer(tokenizer_path)
     p = params.evaluate
     results: dict[str, dict] = {}
