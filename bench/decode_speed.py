@@ -17,7 +17,12 @@ The last line printed is JSON: {"metric": "beam5_sentences_per_s", "ours": ..., 
 
 With --ctranslate2, our model is also exported to CTranslate2 (seq2seq/ctranslate2_export.py: the same
 weights) and its beam search timed on the same batches with the same length limits; the JSON then has
-"ctranslate2" (sentences/s) and "ctranslate2_ratio" (ours / CTranslate2) too.
+"ctranslate2" (sentences/s) and "ctranslate2_ratio" (ours / CTranslate2) too. With --int8, our model is
+also timed with int8 weights (seq2seq/cpu.py: quantize_int8, what `evaluate.quantize: int8` and
+`nmt-translate --quantize int8` use): "ours_int8", "ratio_int8" (/ generate) and, beside --ctranslate2 int8,
+"ctranslate2_ratio_int8" (ours int8 / CTranslate2 int8, like with like).
+
+    ONEDNN_MAX_CPU_ISA=AVX2 python bench/decode_speed.py --int8 --ctranslate2 int8    # oneDNN limited to AVX2
 """
 
 from __future__ import annotations
@@ -138,7 +143,9 @@ def ctranslate2_translator(model: Transformer, threads: int, compute_type: str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python bench/decode_speed.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", type=Path, help="a trained model.pt (else a random demo-size model)")
     parser.add_argument("--spm", type=Path, help="its SentencePiece model (with --checkpoint)")
     parser.add_argument("--source", type=Path, help="source sentences, one per line (with --checkpoint)")
@@ -160,6 +167,7 @@ def main() -> None:
         metavar="COMPUTE_TYPE",
         help="also time a CTranslate2 export of our model (float32, or int8, int8_float32, ...)",
     )
+    parser.add_argument("--int8", action="store_true", help="also time our model with int8 weights (cpu.quantize_int8)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -188,15 +196,18 @@ def main() -> None:
     ]
     warm = batches(sources[:8], 8)
     run_peer(peer, warm, args.beam, run_ours(ours, warm, args.beam, [4])[1])
+    ours_int8 = Probe(cpu.quantize_int8(ours.model), ban_eos=not args.checkpoint) if args.int8 else None
     tmp = tempfile.TemporaryDirectory()
     ct2 = (
         ctranslate2_translator(ours.model, args.threads, args.ctranslate2, Path(tmp.name)) if args.ctranslate2 else None
     )
-    t_ours, t_peer, t_ct2 = float("inf"), float("inf"), float("inf")
+    t_ours, t_peer, t_ct2, t_int8 = float("inf"), float("inf"), float("inf"), float("inf")
     for _ in range(args.repeats):  # alternate, so a noisy neighbour on the CPU hurts all alike
         seconds, steps = run_ours(ours, data, args.beam, limits)
         t_ours = min(t_ours, seconds)
         t_peer = min(t_peer, run_peer(peer, data, args.beam, steps))
+        if ours_int8 is not None:
+            t_int8 = min(t_int8, run_ours(ours_int8, data, args.beam, limits)[0])
         if ct2 is not None:
             t_ct2 = min(t_ct2, run_ctranslate2(ct2, data, args.beam, limits, fixed_length=not args.checkpoint))
     ours_sps, peer_sps = len(sources) / t_ours, len(sources) / t_peer
@@ -208,10 +219,16 @@ def main() -> None:
     print(f"ours: {t_ours:.2f}s ({ours_sps:.1f} sentences/s); transformers generate: {t_peer:.2f}s ({peer_sps:.1f}/s)")
     result = {"metric": "beam5_sentences_per_s", "ours": round(ours_sps, 2), "peer": round(peer_sps, 2)}
     result["ratio"] = round(ours_sps / peer_sps, 2)
+    if ours_int8 is not None:
+        int8_sps = len(sources) / t_int8
+        print(f"ours with int8 weights: {t_int8:.2f}s ({int8_sps:.1f}/s)")
+        result.update(ours_int8=round(int8_sps, 2), ratio_int8=round(int8_sps / peer_sps, 2))
     if ct2 is not None:
         ct2_sps = len(sources) / t_ct2
         print(f"ctranslate2 (our weights, {args.ctranslate2}): {t_ct2:.2f}s ({ct2_sps:.1f}/s)")
         result.update(ctranslate2=round(ct2_sps, 2), ctranslate2_ratio=round(ours_sps / ct2_sps, 2))
+        if ours_int8 is not None:  # like with like when CTranslate2 runs int8 too
+            result["ctranslate2_ratio_int8"] = round(len(sources) / t_int8 / ct2_sps, 2)
     print(json.dumps(result))
 
 

@@ -1,12 +1,23 @@
-"""Training throughput (target tokens/s) of our Transformer vs Hugging Face's MarianMTModel, same process.
+"""Training throughput (target tokens/s) of our Transformer vs Hugging Face's MarianMTModel, same process,
+and our model's FLOP/s against the machine's own fp32 peak, measured in the same run.
 
-Both models get the dimensions of the demo preset (or --d-model etc.), the same token-bucket batches of
-random ids with Multi30k-like lengths, the same loss (label-smoothed cross-entropy, summed over real target
-tokens), the same AdamW and gradient clipping, on the CPU. After warm-up, each repeat times one pass over
-the batches, alternating the two models so that machine noise hits both; the medians are compared.
+Both models get the same dimensions (a small CPU Transformer by default: 256 wide, 3+3 layers, 8,000
+words; or --d-model etc.), the same token-bucket batches of random ids with Multi30k-like lengths, the same
+AdamW and gradient clipping, on the CPU. Each takes a training step the way its own code does: ours through
+the training loss of the train stage (`model(src, tgt_in, tgt_out, label_smoothing)`, seq2seq/loss.py),
+Marian through its logits and F.cross_entropy with the same label smoothing, summed over real target
+tokens. After warm-up, each repeat times one pass over the batches, alternating the two models so that
+machine noise hits both; the medians are compared.
+
+Efficiency: the floating-point operations of the matrix products our training step performs, counted from
+the batch shapes (every projection, the attention scores and their weighted sums, the output layer over
+the real target tokens; x3 for forward + backward), per second, over the fp32 peak of this machine: the
+faster of MKL (torch.mm) and oneDNN on a 2048^3 product, timed here with the same threads.
 
     pip install -e '.[bench]'
     python bench/train_throughput.py            # the last line is JSON
+    ONEDNN_MAX_CPU_ISA=AVX2 python bench/train_throughput.py    # oneDNN limited to AVX2 (and on Intel,
+                                                                # MKL_ENABLE_INSTRUCTIONS=AVX2 for MKL)
     python bench/train_throughput.py --device cuda --amp --max-tokens 16384
 
 Marian is built from a MarianConfig (no download): post-norm, sinusoidal positions, shared embeddings, ReLU,
@@ -17,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,12 +39,16 @@ import torch.nn.functional as F
 from same_size import demo_size_config, marian_same_size  # bench/ is on sys.path when run as a script
 
 from seq2seq import cpu
+from seq2seq.config import TransformerConfig
 from seq2seq.data import pad_batch, token_batches
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from seq2seq.transformer import Transformer
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-def make_batches(n_sentences: int, max_tokens: int, vocab: int, n_batches: int, seed: int = 0):
+
+def make_batches(n_sentences: int, max_tokens: int, vocab: int, n_batches: int, seed: int = 0) -> list[Batch]:
     """(src, tgt_in, tgt_out) batches of random ids, lengths around Multi30k's (~14 source, ~17 target subwords)."""
     rng = np.random.default_rng(seed)
     src_len = np.clip(rng.normal(14, 5, n_sentences), 3, 60).astype(int)
@@ -44,24 +61,24 @@ def make_batches(n_sentences: int, max_tokens: int, vocab: int, n_batches: int, 
     return batches
 
 
-def ours(args) -> torch.nn.Module:
-    cfg = demo_size_config(args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1)
-    model = cpu.accelerate(Transformer(cfg, args.vocab))  # the CPU fast paths, as the train stage uses them
-    return lambda src, tgt_in: model(src, tgt_in), model
+def ours(cfg: TransformerConfig, vocab: int) -> tuple[StepLoss, torch.nn.Module]:
+    model = cpu.accelerate(Transformer(cfg, vocab))  # the CPU fast paths, as the train stage uses them
+    return lambda src, tgt_in, tgt_out: model(src, tgt_in, tgt_out, 0.1), model
 
 
-def marian(args):
-    model = marian_same_size(
-        demo_size_config(args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1), args.vocab
-    )
+def marian(cfg: TransformerConfig, vocab: int) -> tuple[StepLoss, torch.nn.Module]:
+    model = marian_same_size(cfg, vocab)
 
-    def forward(src, tgt_in):
-        return model(input_ids=src, attention_mask=src != PAD_ID, decoder_input_ids=tgt_in, use_cache=False).logits
+    def loss(src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=src, attention_mask=src != PAD_ID, decoder_input_ids=tgt_in, use_cache=False).logits
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD_ID, label_smoothing=0.1, reduction="sum"
+        )
 
-    return forward, model
+    return loss, model
 
 
-def train_pass(forward, model, optimizer, batches, device: torch.device, amp: bool) -> float:
+def train_pass(loss_fn: StepLoss, model, optimizer, batches: list[Batch], device: torch.device, amp: bool) -> float:
     """One optimizer step per batch; returns target tokens per second."""
     model.train()
     tokens = 0
@@ -69,11 +86,8 @@ def train_pass(forward, model, optimizer, batches, device: torch.device, amp: bo
     for src, tgt_in, tgt_out in batches:
         src, tgt_in, tgt_out = (x.to(device, non_blocking=True) for x in (src, tgt_in, tgt_out))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = forward(src, tgt_in)
+            loss = loss_fn(src, tgt_in, tgt_out)
         n = int((tgt_out != PAD_ID).sum())
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD_ID, label_smoothing=0.1, reduction="sum"
-        )
         optimizer.zero_grad(set_to_none=True)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -84,9 +98,54 @@ def train_pass(forward, model, optimizer, batches, device: torch.device, amp: bo
     return tokens / (time.perf_counter() - start)
 
 
+def training_flops(cfg: TransformerConfig, vocab: int, batch: Batch) -> float:
+    """FLOPs of the matrix products of one training step of our Transformer on `batch` (forward x3).
+
+    Per layer and position: the projections (2 FLOPs per multiply-add), and attention's scores Q K^T and
+    weighted sum A V over the (padded) lengths; the causal self-attention of the decoder over the positions
+    it may see. The output layer runs on the real target tokens only (seq2seq/loss.py).
+    """
+    src, tgt_in, tgt_out = batch
+    b, s, t = src.size(0), src.size(1), tgt_in.size(1)
+    d, ff = cfg.d_model, cfg.d_ff
+    attention = 2 * 2 * d  # Q K^T and A V: 2 products of d multiply-adds per (query, key) pair, over all heads
+    encoder = cfg.n_encoder_layers * b * (s * 2 * (4 * d * d + 2 * d * ff) + s * s * attention)
+    decoder = (
+        cfg.n_decoder_layers
+        * b
+        * (
+            t * 2 * (6 * d * d + 2 * d * ff)  # self q/k/v/out, cross q/out, FFN
+            + s * 2 * (2 * d * d)  # cross-attention keys and values of the encoder states
+            + t * (t + 1) / 2 * attention  # causal self-attention
+            + t * s * attention  # cross-attention
+        )
+    )
+    output = int((tgt_out != PAD_ID).sum()) * 2 * d * vocab
+    return 3 * (encoder + decoder + output)
+
+
+def fp32_peak(threads: int) -> tuple[float, str]:
+    """The faster of MKL and oneDNN on a 2048^3 fp32 product, in FLOP/s, with the backend's name."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    products = {"mkl": lambda: a @ b.T}
+    if cpu.ONEDNN:
+        products["onednn"] = lambda: cpu.onednn_matmul(a, b)
+    best = {}
+    for name, product in products.items():
+        product()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        best[name] = 2 * 2048**3 / min(times)
+    name = max(best, key=best.get)
+    return best[name], name
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vocab", type=int, default=8000, help="vocabulary size (default: the demo preset's)")
+    ap = argparse.ArgumentParser(prog="python bench/train_throughput.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
     ap.add_argument("--d-model", type=int, default=256, help="model width")
     ap.add_argument("--heads", type=int, default=4, help="attention heads")
     ap.add_argument("--layers", type=int, default=3, help="encoder layers, and as many decoder layers")
@@ -103,32 +162,46 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cfg = demo_size_config(args.d_model, args.heads, args.layers, args.d_ff, dropout=0.1)
     batches = make_batches(20000, args.max_tokens, args.vocab, args.batches)
     runs = {}
     for name, build in (("ours", ours), ("peer", marian)):
-        forward, model = build(args)
+        loss_fn, model = build(cfg, args.vocab)
         model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{name}: {type(model).__name__} with {n_params / 1e6:.2f}M parameters", flush=True)
-        runs[name] = (forward, model, optimizer, [])
+        runs[name] = (loss_fn, model, optimizer, [])
         for _ in range(args.warmup):
-            train_pass(forward, model, optimizer, batches, device, args.amp)
+            train_pass(loss_fn, model, optimizer, batches, device, args.amp)
     for r in range(args.repeats):
-        for name, (forward, model, optimizer, speeds) in runs.items():
-            speeds.append(train_pass(forward, model, optimizer, batches, device, args.amp))
+        for name, (loss_fn, model, optimizer, speeds) in runs.items():
+            speeds.append(train_pass(loss_fn, model, optimizer, batches, device, args.amp))
             print(f"repeat {r + 1}: {name} {speeds[-1]:.0f} target tokens/s", flush=True)
     ours_tps, peer_tps = (statistics.median(runs[n][3]) for n in ("ours", "peer"))
-    print(
-        json.dumps(
-            {
-                "metric": "train_tokens_per_s",
-                "ours": round(ours_tps, 1),
-                "peer": round(peer_tps, 1),
-                "ratio": round(ours_tps / peer_tps, 3),
-            }
+    result = {
+        "metric": "train_tokens_per_s",
+        "ours": round(ours_tps, 1),
+        "peer": round(peer_tps, 1),
+        "ratio": round(ours_tps / peer_tps, 3),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
+    }
+    if device.type == "cpu":
+        tokens = sum(int((b[2] != PAD_ID).sum()) for b in batches)
+        flops_per_token = sum(training_flops(cfg, args.vocab, b) for b in batches) / tokens
+        peak, backend = fp32_peak(torch.get_num_threads())
+        model_flops = flops_per_token * ours_tps
+        print(
+            f"ours: {flops_per_token / 1e6:.1f} MFLOP per target token -> {model_flops / 1e9:.1f} GFLOP/s; "
+            f"fp32 peak {peak / 1e9:.1f} GFLOP/s ({backend}, 2048^3, {torch.get_num_threads()} threads)"
         )
-    )
+        result.update(
+            model_gflops_per_s=round(model_flops / 1e9, 1),
+            peak_gflops_per_s=round(peak / 1e9, 1),
+            peak_backend=backend,
+            efficiency=round(model_flops / peak, 3),
+        )
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
