@@ -168,10 +168,8 @@ def test_nbest_above_beam_size_is_refused() -> None:
         )
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_family_decodes_through_the_shared_interface(family: str) -> None:
-    """Untrained tiny models of each family: beam 1 is greedy, and beam scores are the model's log-probs
-    (which only holds if the family's reorder_cache follows the hypotheses)."""
+def untrained_tiny(family: str) -> torch.nn.Module:
+    """A tiny untrained model of `family` (16 wide, 30 words), seeded."""
     raw = committed_params()["model"]
     raw["family"] = family
     raw["transformer"].update(n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=32)
@@ -180,7 +178,14 @@ def test_every_family_decodes_through_the_shared_interface(family: str) -> None:
     for section in ("transformer", "rnn", "attention_rnn"):
         raw[section].update(d_model=16, dropout=0.0, max_positions=64)
     torch.manual_seed(0)
-    model = build_model(ModelParams.model_validate(raw), vocab_size=30).eval()
+    return build_model(ModelParams.model_validate(raw), vocab_size=30).eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_decodes_through_the_shared_interface(family: str) -> None:
+    """Untrained tiny models of each family: beam 1 is greedy, and beam scores are the model's log-probs
+    (which only holds if the family's reorder_cache follows the hypotheses)."""
+    model = untrained_tiny(family)
     sources = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18]]
     src, max_len = decode_args(sources, a=1.0, b=3)
     greedy = greedy_decode(model, src, max_len)
@@ -196,15 +201,7 @@ def test_every_family_decodes_through_the_shared_interface(family: str) -> None:
 def test_every_family_decodes_with_int8_weights(family: str) -> None:
     """cpu.for_decoding(model, "int8") quantises each family's linear (and LSTM) layers, leaves the fp32 model
     as it was, and the int8 copy decodes through the same interface: beam 1 is its greedy search."""
-    raw = committed_params()["model"]
-    raw["family"] = family
-    raw["transformer"].update(n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=32)
-    for section in ("rnn", "attention_rnn"):
-        raw[section].update(hidden=16, layers=2)
-    for section in ("transformer", "rnn", "attention_rnn"):
-        raw[section].update(d_model=16, dropout=0.0, max_positions=64)
-    torch.manual_seed(0)
-    model = build_model(ModelParams.model_validate(raw), vocab_size=30).eval()
+    model = untrained_tiny(family)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     int8 = cpu.for_decoding(model, "int8")
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.modules())
