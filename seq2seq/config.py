@@ -95,7 +95,8 @@ class CleanParams(Strict):
     max_length_ratio: float = Field(gt=1.0)
     dedup: bool
     langid: bool
-    chunk_lines: int = Field(ge=1)
+    chunk_lines: int = Field(ge=1)  # pairs per chunk of work
+    processes: int = Field(ge=0)  # worker processes; 0 = every core
 
     @model_validator(mode="after")
     def _range(self) -> CleanParams:
@@ -109,7 +110,8 @@ class TokenizeParams(Strict):
     model_type: Literal["unigram", "bpe"]
     character_coverage: float = Field(gt=0.0, le=1.0)
     input_sentence_size: int = Field(ge=0)  # 0 = use every sentence to train SentencePiece
-    num_threads: int = Field(ge=1)
+    num_threads: int = Field(ge=0)  # SentencePiece training threads; 0 = every core
+    processes: int = Field(ge=0)  # encoding worker processes; 0 = every core
 
 
 class ModelShape(Strict):

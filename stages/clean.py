@@ -1,9 +1,13 @@
 """clean: normalise every split, filter the training pairs, write data/clean and metrics/clean.json.
 
-Reads data/raw/<dataset>.<lang>. Train pairs go through the rules below (first failing rule is counted);
-dev and test sets are only normalised, line for line, so they stay aligned with their references. Input
-is streamed in chunks of clean.chunk_lines pairs; the only state that grows with the corpus is the dedup
-hash set.
+Train pairs go through the rules below (first failing rule is counted); dev and test sets are only
+normalised, line for line, so they stay aligned with their references.
+
+The input is cut into chunks of clean.chunk_lines pairs, spread over clean.processes worker processes
+(0 = every core). A worker normalises its chunk, applies the length rules, hashes the surviving pairs and
+(with clean.langid) identifies their language; the main process takes the chunks back in order, drops
+pairs already seen in earlier chunks and writes. The only state that grows with the corpus is that set of
+hashes, 8 bytes per distinct kept pair. The output is the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -14,17 +18,22 @@ import itertools
 import sys
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from hashlib import blake2b
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from seq2seq import cli, paths
 from seq2seq.config import CleanParams, Params, ParamsError, load_params
+from seq2seq.parallel import LineRange, aligned_ranges, ordered_map, read_range
 from seq2seq.progress import Progress
-from seq2seq.textio import TextFormatError, atomic_write, count_lines, read_aligned, write_json
+from seq2seq.textio import TextFormatError, atomic_write, write_json
 
 DROP_RULES = ("empty", "too_short", "too_long", "length_ratio", "duplicate", "langid")
 
@@ -45,7 +54,12 @@ def _char_class(chars: Iterable[str]) -> str:
 
 @functools.cache
 def _patterns() -> tuple[str, str]:
-    """(invisible, whitespace-run) patterns, built once from this Python's Unicode tables."""
+    """(invisible, whitespace-run) patterns, built once from this Python's Unicode tables.
+
+    The whitespace pattern matches only the runs that must change: any run holding a whitespace character
+    other than a plain space, or two or more spaces. A single space stays as it is, which is what replacing
+    every run by one space would do too, but most lines then have nothing to replace.
+    """
     all_chars = [chr(cp) for cp in range(sys.maxunicode + 1)]
     # Whitespace is everything str.isspace() accepts: tab, CR, VT, FF, U+0085, NBSP, U+2028, ... .
     # Whitespace controls become a space (not nothing) so words they separated stay separate,
@@ -55,26 +69,46 @@ def _patterns() -> tuple[str, str]:
     # space/joiners U+200B-U+200D, bidi marks, soft hyphen. (Removing ZWJ/ZWNJ is wrong for
     # scripts that need them, e.g. Persian; fine for the European pairs this pipeline targets.)
     invisible = [c for c in all_chars if unicodedata.category(c) in ("Cc", "Cf") and not c.isspace()]
-    # Literal characters rather than \s or \uXXXX: pandas then runs these on pyarrow's RE2 engine,
-    # whose \s would miss most Unicode whitespace (tests check both engines agree on every char).
-    return _char_class(invisible), _char_class(whitespace) + "+"
+    # Literal characters rather than \s or \uXXXX: pyarrow's RE2 engine runs these, and its \s would
+    # miss most Unicode whitespace (tests check every code point against str.isspace and unicodedata).
+    space, other_space = _char_class(whitespace), _char_class([c for c in whitespace if c != " "])
+    return _char_class(invisible), f"{other_space}{space}*| {space}+"
 
 
-def normalize(lines: pd.Series, form: str) -> pd.Series:
+def normalize_array(lines: pa.Array, form: str) -> pa.Array:
     """Remove invisible chars, Unicode-normalise (NFC/NFKC/none), collapse whitespace to one space, strip."""
     invisible, whitespace_run = _patterns()
     # Invisibles go first so that e.g. "e<ZWSP><combining acute>" still composes to "é".
-    lines = lines.str.replace(invisible, "", regex=True)
+    lines = pc.replace_substring_regex(lines, invisible, "")
     if form != "none":
-        lines = lines.str.normalize(form)
+        lines = _unicode_normalize(lines, form)
     # After normalising, because NFKC turns NBSP, ideographic space etc. into plain spaces.
-    return lines.str.replace(whitespace_run, " ", regex=True).str.strip(" ")
+    return pc.utf8_trim(pc.replace_substring_regex(lines, whitespace_run, " "), " ")
 
 
-def token_counts(lines: pd.Series) -> np.ndarray:
+def _unicode_normalize(lines: pa.Array, form: str) -> pa.Array:
+    """unicodedata.normalize on each line that is not pure ASCII (ASCII is the same in every form).
+
+    Not pyarrow's utf8_normalize: pyarrow 25 returns "à" decomposed for NFC.
+    """
+    non_ascii = pc.invert(pc.string_is_ascii(lines))
+    todo = lines.filter(non_ascii).to_pylist()
+    if not todo:
+        return lines
+    done = pa.array([unicodedata.normalize(form, line) for line in todo], type=lines.type)
+    return pc.replace_with_mask(lines, non_ascii, done)
+
+
+def normalize(lines: pd.Series, form: str) -> pd.Series:
+    """normalize_array for a pandas Series of strings."""
+    arr = normalize_array(pa.array(lines, type=pa.large_string()), form)
+    return pd.Series(pd.arrays.ArrowStringArray(arr), index=lines.index)
+
+
+def token_counts(lines: pa.Array) -> np.ndarray:
     """Whitespace-token counts of already-normalised lines (single spaces, stripped; "" counts 0)."""
-    counts = lines.str.count(" ").to_numpy(dtype=np.int64) + 1
-    counts[(lines == "").to_numpy(dtype=bool)] = 0
+    counts = pc.count_substring(lines, " ").to_numpy(zero_copy_only=False).astype(np.int64) + 1
+    counts[pc.equal(lines, "").to_numpy(zero_copy_only=False)] = 0
     return counts
 
 
@@ -106,13 +140,23 @@ class HashSet:
         # Merge runs of similar size (LSM-style): O(log n) runs to search, O(n log n) total merge work.
         while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
             newer, older = self._runs.pop(), self._runs.pop()
-            self._runs.append(np.sort(np.concatenate([older, newer]), kind="stable"))
+            merged = np.concatenate([older, newer])
+            del newer, older  # sorted in place: at most the old runs and one merged copy are alive at once
+            merged.sort()
+            self._runs.append(merged)
 
 
-def pair_hashes(src: pd.Series, tgt: pd.Series) -> np.ndarray:
-    """64-bit hash of each (source, target) pair."""
-    frame = pd.DataFrame({"src": src.to_numpy(), "tgt": tgt.to_numpy()})
-    return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
+def pair_hashes(src: Sequence[bytes], tgt: Sequence[bytes]) -> np.ndarray:
+    """A 64-bit hash (BLAKE2b) of each (source, target) pair of UTF-8 lines (lines hold no newline)."""
+    digests = b"".join(blake2b(s + b"\n" + t, digest_size=8).digest() for s, t in zip(src, tgt, strict=True))
+    return np.frombuffer(digests, dtype=np.uint64)
+
+
+def first_occurrences(hashes: np.ndarray) -> np.ndarray:
+    """Boolean mask of the first occurrence of each distinct hash."""
+    first = np.zeros(len(hashes), dtype=bool)
+    first[np.unique(hashes, return_index=True)[1]] = True
+    return first
 
 
 # --- language identification -------------------------------------------------------------------
@@ -136,75 +180,157 @@ def language_identifier(src_lang: str, tgt_lang: str) -> Any:
     return identifier
 
 
-# --- streaming ---------------------------------------------------------------------------------
+# --- one chunk, in a worker process ------------------------------------------------------------------
 
 
-def chunks(src: Path, tgt: Path, size: int) -> Iterator[tuple[pd.Series, pd.Series]]:
-    """Aligned (source, target) line Series of at most `size` pairs each."""
-    pairs = read_aligned(src, tgt)
-    while chunk := list(itertools.islice(pairs, size)):
-        src_lines, tgt_lines = zip(*chunk, strict=True)
-        yield pd.Series(src_lines, dtype="str"), pd.Series(tgt_lines, dtype="str")
+def length_rules(src: pa.Array, tgt: pa.Array, cfg: CleanParams) -> tuple[np.ndarray, dict[str, int]]:
+    """Which normalised pairs pass the length rules, and how many each rule dropped (first failing rule)."""
+    alive = np.ones(len(src), dtype=bool)
+    dropped = {}
+
+    def drop(rule: str, mask: np.ndarray) -> None:
+        hit = alive & mask
+        dropped[rule] = int(hit.sum())
+        alive[hit] = False
+
+    n_src, n_tgt = token_counts(src), token_counts(tgt)
+    drop("empty", (n_src == 0) | (n_tgt == 0))
+    drop("too_short", (n_src < cfg.min_tokens) | (n_tgt < cfg.min_tokens))
+    drop("too_long", (n_src > cfg.max_tokens) | (n_tgt > cfg.max_tokens))
+    # Multiplied out instead of divided; no zero counts are left at this point.
+    drop("length_ratio", np.maximum(n_src, n_tgt) > cfg.max_length_ratio * np.minimum(n_src, n_tgt))
+    return alive, dropped
 
 
-def write_lines(f: IO[str], lines: Iterable[str]) -> None:
-    """Write each line followed by a newline."""
-    f.writelines(line + "\n" for line in lines)
+@dataclass(frozen=True)
+class ChunkTask:
+    """One chunk of an aligned pair of files; `train` chunks are filtered, dev/test ones only normalised."""
+
+    src: LineRange
+    tgt: LineRange
+    train: bool
 
 
-class TrainFilter:
-    """Applies the train rules chunk by chunk, counting drops per rule; holds the dedup hashes."""
+@dataclass
+class CleanedChunk:
+    """What a worker sends back: the pairs still in the running (normalised) and what it dropped."""
+
+    pairs: int  # input pairs in the chunk
+    dropped: dict[str, int]
+    src: Lines  # the surviving pairs
+    tgt: Lines
+    hashes: np.ndarray | None  # pair hash of each surviving pair (clean.dedup)
+    wrong_language: np.ndarray | None  # per surviving pair (clean.langid)
+
+
+@dataclass
+class Lines:
+    """Lines as one UTF-8 block, each followed by a newline, and the byte length of each (newline included)."""
+
+    data: bytes
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, encoded: list[bytes]) -> Lines:
+        sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
+        return cls(b"".join(line + b"\n" for line in encoded), sizes)
+
+    def select(self, keep: np.ndarray) -> bytes:
+        """The lines where `keep` is true, as one block."""
+        if keep.all():
+            return self.data
+        return np.frombuffer(self.data, dtype=np.uint8)[np.repeat(keep, self.sizes)].tobytes()
+
+
+class ChunkCleaner:
+    """A worker's state: the clean params and, with clean.langid, its own language identifier."""
 
     def __init__(self, params: Params) -> None:
         self.cfg = params.clean
-        self.dropped = dict.fromkeys(DROP_RULES, 0)
-        # The only state that grows with corpus size: one 8-byte hash per distinct kept pair.
-        self.seen = HashSet()
         self.langs = params.data.langs
         self.identifier = language_identifier(*self.langs) if self.cfg.langid else None
 
-    def keep_mask(self, src: pd.Series, tgt: pd.Series) -> np.ndarray:
-        """Which normalised pairs to keep; each dropped pair is counted under the first rule it fails."""
-        cfg = self.cfg
-        alive = np.ones(len(src), dtype=bool)
+    def clean(self, task: ChunkTask) -> CleanedChunk:
+        src, tgt = (self._normalized(r) for r in (task.src, task.tgt))
+        if not task.train:
+            return CleanedChunk(len(src), {}, Lines.of(_utf8(src)), Lines.of(_utf8(tgt)), None, None)
+        alive, dropped = length_rules(src, tgt, self.cfg)
+        src_lines, tgt_lines = _utf8(src.filter(alive)), _utf8(tgt.filter(alive))
+        hashes = None
+        if self.cfg.dedup:
+            # Duplicates within the chunk here; the main process checks against earlier chunks. Before langid,
+            # so that langid classifies each distinct pair only once.
+            hashes = pair_hashes(src_lines, tgt_lines)
+            first = first_occurrences(hashes)
+            dropped["duplicate"] = int((~first).sum())
+            src_lines, tgt_lines = (
+                list(itertools.compress(src_lines, first)),
+                list(itertools.compress(tgt_lines, first)),
+            )
+            hashes = hashes[first]
+        wrong = None if self.identifier is None else self._wrong_language(src_lines, tgt_lines)
+        return CleanedChunk(len(alive), dropped, Lines.of(src_lines), Lines.of(tgt_lines), hashes, wrong)
 
-        def drop(rule: str, mask: np.ndarray) -> None:
-            hit = alive & mask
-            self.dropped[rule] += int(hit.sum())
-            alive[hit] = False
+    def _normalized(self, lines: LineRange) -> pa.Array:
+        return normalize_array(pa.array(read_range(lines), type=pa.large_string()), self.cfg.normalization)
 
-        n_src, n_tgt = token_counts(src), token_counts(tgt)
-        drop("empty", (n_src == 0) | (n_tgt == 0))
-        drop("too_short", (n_src < cfg.min_tokens) | (n_tgt < cfg.min_tokens))
-        drop("too_long", (n_src > cfg.max_tokens) | (n_tgt > cfg.max_tokens))
-        # Multiplied out instead of divided; no zero counts are left at this point.
-        drop("length_ratio", np.maximum(n_src, n_tgt) > cfg.max_length_ratio * np.minimum(n_src, n_tgt))
-
-        if cfg.dedup:
-            # Against earlier pairs (in earlier chunks or earlier in this one) that passed the rules above.
-            # Checked before langid so that langid classifies each distinct pair only once.
-            idx = np.flatnonzero(alive)
-            hashes = pair_hashes(src.iloc[idx], tgt.iloc[idx])
-            dup = self.seen.contains(hashes) | pd.Series(hashes).duplicated().to_numpy()
-            drop("duplicate", _scatter(len(src), idx, dup))
-            self.seen.add(hashes[~dup])
-
-        if self.identifier is not None:
-            idx = np.flatnonzero(alive)
-            want_src, want_tgt = self.langs
-            wrong = [
-                self.identifier.classify(s)[0] != want_src or self.identifier.classify(t)[0] != want_tgt
-                for s, t in zip(src.iloc[idx], tgt.iloc[idx], strict=True)
-            ]
-            drop("langid", _scatter(len(src), idx, np.array(wrong, dtype=bool)))
-        return alive
+    def _wrong_language(self, src: list[bytes], tgt: list[bytes]) -> np.ndarray:
+        want_src, want_tgt = self.langs
+        classify = self.identifier.classify
+        wrong = [
+            classify(s.decode())[0] != want_src or classify(t.decode())[0] != want_tgt
+            for s, t in zip(src, tgt, strict=True)
+        ]
+        return np.array(wrong, dtype=bool)
 
 
-def _scatter(n: int, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """A length-n boolean mask that is `values` at positions `idx` and False elsewhere."""
-    mask = np.zeros(n, dtype=bool)
-    mask[idx] = values
-    return mask
+def _utf8(lines: pa.Array) -> list[bytes]:
+    return [line.encode("utf-8") for line in lines.to_pylist()]
+
+
+def _take(items: list[bytes], mask: np.ndarray) -> list[bytes]:
+    return list(itertools.compress(items, mask.tolist()))
+
+
+_cleaner: ChunkCleaner | None = None  # one per worker process
+
+
+def _start_worker(params: Params) -> None:
+    global _cleaner
+    _cleaner = ChunkCleaner(params)
+
+
+def _clean_chunk(task: ChunkTask) -> CleanedChunk:
+    assert _cleaner is not None, "_start_worker runs first in every worker"
+    return _cleaner.clean(task)
+
+
+# --- the main process: chunks in order ---------------------------------------------------------------
+
+
+class TrainFilter:
+    """Finishes the train rules on chunks taken in order: duplicates of earlier chunks, then langid."""
+
+    def __init__(self) -> None:
+        self.dropped = dict.fromkeys(DROP_RULES, 0)
+        # The only state that grows with corpus size: one 8-byte hash per distinct kept pair.
+        self.seen = HashSet()
+
+    def keep_mask(self, chunk: CleanedChunk) -> np.ndarray:
+        """Which of the chunk's surviving pairs to write; counts what the chunk and this filter dropped."""
+        for rule, n in chunk.dropped.items():
+            self.dropped[rule] += n
+        keep = np.ones(len(chunk.src.sizes), dtype=bool)
+        if chunk.hashes is not None:
+            earlier = self.seen.contains(chunk.hashes)
+            self.dropped["duplicate"] += int(earlier.sum())
+            self.seen.add(chunk.hashes[~earlier])
+            keep &= ~earlier
+        if chunk.wrong_language is not None:
+            wrong = keep & chunk.wrong_language
+            self.dropped["langid"] += int(wrong.sum())
+            keep &= ~wrong
+        return keep
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -228,60 +354,56 @@ def clean(
     missing = [str(p) for name in [*data.train, data.dev, *data.test] for p in raw(name) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"missing raw input(s) (run the download stage first): {', '.join(missing)}")
-    train_filter = TrainFilter(params)
-    total = sum(count_lines(raw(name)[0]) for name in [*data.train, data.dev, *data.test])  # a fast pass: no decoding
+    if cfg.langid:
+        language_identifier(*langs)  # a missing package is reported here, not from inside a worker
+    # (split, dataset) -> its chunks; cutting the files into chunks also checks every pair of them is aligned.
+    parts = [("train", name) for name in data.train] + [("dev", data.dev)] + [("test", name) for name in data.test]
+    plan = {part: aligned_ranges(*raw(part[1]), cfg.chunk_lines) for part in parts}
+    tasks = [ChunkTask(s, t, split == "train") for (split, _), ranges in plan.items() for s, t in ranges]
+    total = sum(s.lines for s, _ in itertools.chain.from_iterable(plan.values()))
 
     # Every output is an atomic writer held open until all inputs are processed: an exception
-    # anywhere (misaligned or undecodable input) unwinds them all and leaves only the old files.
+    # anywhere (undecodable input) unwinds them all and leaves only the old files.
     with contextlib.ExitStack() as stack:
-        progress = stack.enter_context(Progress("clean", total, unit="pairs"))
 
-        def open_pair(stem: Path) -> tuple[IO[str], IO[str]]:
-            src_f = stack.enter_context(atomic_write(stem.with_name(f"{stem.name}.{langs[0]}")))
-            tgt_f = stack.enter_context(atomic_write(stem.with_name(f"{stem.name}.{langs[1]}")))
+        def open_pair(stem: Path) -> tuple[IO[bytes], IO[bytes]]:
+            src_f = stack.enter_context(atomic_write(stem.with_name(f"{stem.name}.{langs[0]}"), "wb"))
+            tgt_f = stack.enter_context(atomic_write(stem.with_name(f"{stem.name}.{langs[1]}"), "wb"))
             return src_f, tgt_f
 
-        train_out = open_pair(out_dir / "train")
-        train_counts = {}
+        outputs = {("train", name): open_pair(out_dir / "train") for name in data.train[:1]}
+        for name in data.train[1:]:
+            outputs[("train", name)] = outputs[("train", data.train[0])]
+        outputs[("dev", data.dev)] = open_pair(out_dir / "dev")
+        for name in data.test:
+            outputs[("test", name)] = open_pair(out_dir / "test" / name)
+        part_of = [part for part, ranges in plan.items() for _ in ranges]
+        pairs = dict.fromkeys(parts, 0)
         kept = 0
-        for name in data.train:
-            train_counts[name] = 0
-            for src, tgt in chunks(*raw(name), cfg.chunk_lines):
-                train_counts[name] += len(src)
-                src, tgt = normalize(src, cfg.normalization), normalize(tgt, cfg.normalization)
-                keep = train_filter.keep_mask(src, tgt)
-                write_lines(train_out[0], src[keep])
-                write_lines(train_out[1], tgt[keep])
-                kept += int(keep.sum())
-                progress.advance(len(src))
+        train_filter = TrainFilter()
 
-        dev_lines = {data.dev: normalize_only(*raw(data.dev), open_pair(out_dir / "dev"), cfg, progress)}
-        test_lines = {
-            name: normalize_only(*raw(name), open_pair(out_dir / "test" / name), cfg, progress) for name in data.test
-        }
+        progress = stack.enter_context(Progress("clean", total, unit="pairs"))
+        results = ordered_map(_clean_chunk, tasks, cfg.processes, _start_worker, (params,))
+        for part, chunk in zip(part_of, results, strict=True):
+            src_f, tgt_f = outputs[part]
+            keep = train_filter.keep_mask(chunk) if part[0] == "train" else np.ones(chunk.pairs, dtype=bool)
+            src_f.write(chunk.src.select(keep))
+            tgt_f.write(chunk.tgt.select(keep))
+            pairs[part] += chunk.pairs
+            kept += int(keep.sum()) if part[0] == "train" else 0
+            progress.advance(chunk.pairs)
 
         report = {
-            "input_pairs": sum(train_counts.values()),
+            "input_pairs": sum(pairs[("train", name)] for name in data.train),
             "kept_pairs": kept,
             "dropped": train_filter.dropped,
-            "train_datasets": train_counts,
-            "dev_lines": dev_lines,
-            "test_lines": test_lines,
+            "train_datasets": {name: pairs[("train", name)] for name in data.train},
+            "dev_lines": {data.dev: pairs[("dev", data.dev)]},
+            "test_lines": {name: pairs[("test", name)] for name in data.test},
         }
         # Still inside the stack, so a failure here aborts the data files too; they are renamed right after.
         write_json(metrics_path, report)
     return report
-
-
-def normalize_only(src: Path, tgt: Path, out: tuple[IO[str], IO[str]], cfg: CleanParams, progress: Progress) -> int:
-    """Normalise an aligned dev/test pair line for line (no line dropped or added); return its line count."""
-    n = 0
-    for src_lines, tgt_lines in chunks(src, tgt, cfg.chunk_lines):
-        n += len(src_lines)
-        write_lines(out[0], normalize(src_lines, cfg.normalization))
-        write_lines(out[1], normalize(tgt_lines, cfg.normalization))
-        progress.advance(len(src_lines))
-    return n
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,141 @@
+"""Big text files cut into line-aligned byte ranges, and ordered work on them over a pool of processes.
+
+The main process only finds where each range of lines starts and ends (`line_ranges`, a scan for newlines);
+workers read their range (`read_range`), do the work and send back compact results; `ordered_map` hands the
+results back in input order. So a stage's output is the same, byte for byte, whatever the number of
+processes, and its memory holds a few chunks at a time whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from seq2seq.textio import TextFormatError
+
+T = TypeVar("T")
+R = TypeVar("R")
+BLOCK_BYTES = 1 << 22  # read size of the newline scan
+
+
+def worker_count(processes: int) -> int:
+    """processes, or every core this process may run on when it is 0."""
+    return processes or len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class LineRange:
+    """Lines first_line .. first_line + lines - 1 (1-based) of `path`: its bytes start .. end."""
+
+    path: Path
+    start: int
+    end: int
+    first_line: int
+    lines: int
+
+
+def line_ranges(path: Path, lines_per_range: int) -> list[LineRange]:
+    """`path` cut into ranges of `lines_per_range` lines (the last may be shorter); a last line needs no newline."""
+    path = Path(path)
+    ranges: list[LineRange] = []
+    start, pending, offset = 0, 0, 0  # the open range: its first byte, its newlines so far; bytes read
+    last = b"\n"
+    with path.open("rb") as f:
+        while block := f.read(BLOCK_BYTES):
+            newlines = block.count(b"\n")
+            if pending + newlines >= lines_per_range:  # a range ends in this block: find exactly where
+                ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == ord("\n"))
+                for i in range(lines_per_range - pending - 1, len(ends), lines_per_range):
+                    end = offset + int(ends[i]) + 1
+                    ranges.append(LineRange(path, start, end, len(ranges) * lines_per_range + 1, lines_per_range))
+                    start = end
+                pending = (pending + newlines) % lines_per_range
+            else:
+                pending += newlines
+            offset += len(block)
+            last = block[-1:]
+    if offset > start:  # the lines after the last full range, the last one perhaps without a newline
+        lines = pending + (last != b"\n")
+        ranges.append(LineRange(path, start, offset, len(ranges) * lines_per_range + 1, lines))
+    return ranges
+
+
+def aligned_ranges(src: Path, tgt: Path, lines_per_range: int) -> list[tuple[LineRange, LineRange]]:
+    """Ranges of the same lines of two aligned files; raise naming both files if their line counts differ."""
+    a, b = line_ranges(src, lines_per_range), line_ranges(tgt, lines_per_range)
+    n_a, n_b = sum(r.lines for r in a), sum(r.lines for r in b)
+    if n_a != n_b:
+        short, long_, n = (src, tgt, n_a) if n_a < n_b else (tgt, src, n_b)
+        raise TextFormatError(f"misaligned corpus: {short} ends after {n} lines but {long_} has a line {n + 1}")
+    return list(zip(a, b, strict=True))
+
+
+def range_bytes(r: LineRange) -> bytes:
+    """The bytes of a range, as they are in the file."""
+    with r.path.open("rb") as f:
+        f.seek(r.start)
+        return f.read(r.end - r.start)
+
+
+def read_range(r: LineRange) -> list[str]:
+    """The lines of a range without their newline (nor a "\\r" before it), decoded strictly as UTF-8."""
+    data = range_bytes(r)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        lineno = r.first_line + data.count(b"\n", 0, err.start)
+        raise TextFormatError(
+            f"{r.path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start - line_start})"
+        ) from None
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()
+    if "\r" in text:
+        lines = [line.rstrip("\r") for line in lines]
+    return lines
+
+
+def ordered_map(
+    fn: Callable[[T], R],
+    tasks: Iterable[T],
+    processes: int,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+) -> Iterator[R]:
+    """fn(task) for every task, in order, on `processes` worker processes (0 = every core).
+
+    One process runs everything here, in this process. Otherwise at most two tasks per worker are in flight,
+    so results never pile up in memory. A worker's exception is raised here, and the pool is shut down.
+    """
+    n = worker_count(processes)
+    if n == 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(fn, tasks)
+        return
+    # forkserver: workers start from a clean process, not a copy of one whose threads (torch, pyarrow) may
+    # hold locks; the module that defines fn is imported once, in the server, not in every worker.
+    context = multiprocessing.get_context("forkserver")
+    if fn.__module__ != "__main__":
+        context.set_forkserver_preload([fn.__module__])
+    pending: collections.deque[Future[R]] = collections.deque()
+    with ProcessPoolExecutor(n, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+        try:
+            for task in tasks:
+                if len(pending) >= 2 * n:
+                    yield pending.popleft().result()
+                pending.append(pool.submit(fn, task))
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
