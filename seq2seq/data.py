@@ -6,14 +6,18 @@ so sentence i is bin[idx[i]:idx[i+1]]. No BOS/EOS is stored: `collate` adds them
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the tokenize stage and its workers never need it
+    import torch
 
 
 def _with(prefix: Path, ext: str) -> Path:
@@ -26,34 +30,46 @@ def dtype_for(vocab_size: int) -> np.dtype:
 
 
 class TokenArrayWriter:
-    """Append sentences to `<prefix>.bin`/`.idx`; both appear (renamed from temp files) only on close()."""
+    """Append sentences to `<prefix>.bin`/`.idx` as they come (nothing is kept in memory); both files appear,
+    renamed from temp files, only on close()."""
 
     def __init__(self, prefix: Path, dtype: np.dtype):
         self.prefix = Path(prefix)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
         self._bin_tmp = self.prefix.with_name(f".{self.prefix.name}.bin.tmp")
+        self._idx_tmp = self.prefix.with_name(f".{self.prefix.name}.idx.tmp")
         self._bin = self._bin_tmp.open("wb")
-        self._offsets = [0]
+        self._idx = self._idx_tmp.open("wb")
+        self._idx.write(np.zeros(1, dtype=np.int64).tobytes())
+        self.sentences = self.tokens = 0
 
     def write(self, sentences: Iterable[Sequence[int]]) -> None:
-        for ids in sentences:
-            arr = np.asarray(ids, dtype=self.dtype)
-            self._bin.write(arr.tobytes())
-            self._offsets.append(self._offsets[-1] + len(arr))
+        sentences = list(sentences)
+        lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+        # np.array (not fromiter) so that an id the dtype cannot hold raises instead of wrapping around
+        self.write_arrays(np.array(list(itertools.chain.from_iterable(sentences)), dtype=self.dtype), lengths)
+
+    def write_arrays(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append sentences given as all their ids back to back and the length of each."""
+        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes())
+        ends = self.tokens + np.cumsum(lengths, dtype=np.int64)
+        self._idx.write(ends.tobytes())
+        self.sentences += len(lengths)
+        self.tokens += int(lengths.sum())
 
     def close(self) -> None:
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
-        idx_tmp = self.prefix.with_name(f".{self.prefix.name}.idx.tmp")
-        np.asarray(self._offsets, dtype=np.int64).tofile(idx_tmp)
+        for f in (self._bin, self._idx):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
         os.replace(self._bin_tmp, _with(self.prefix, ".bin"))
-        os.replace(idx_tmp, _with(self.prefix, ".idx"))
+        os.replace(self._idx_tmp, _with(self.prefix, ".idx"))
 
     def abort(self) -> None:
-        self._bin.close()
-        self._bin_tmp.unlink(missing_ok=True)
+        for f, tmp in ((self._bin, self._bin_tmp), (self._idx, self._idx_tmp)):
+            f.close()
+            tmp.unlink(missing_ok=True)
 
 
 class TokenArray:
@@ -122,6 +138,8 @@ def pad_batch(seqs: Sequence[np.ndarray], prefix: int | None = None, suffix: int
         out[row, col : col + len(s)] = s
         if suffix is not None:
             out[row, col + len(s)] = suffix
+    import torch
+
     return torch.from_numpy(out)
 
 

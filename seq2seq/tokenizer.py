@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,9 +24,13 @@ def train_sentencepiece(
 ) -> None:
     """Train a SentencePiece model on `inputs` and write it atomically to `model_path` (+ `.vocab`)."""
     model_path = Path(model_path)
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=model_path.parent) as tmp:
-        prefix = Path(tmp) / "spm"
+    # Not a random temp dir: the model stores the path it was trained under, and the same training should
+    # give the same bytes.
+    tmp = model_path.with_name(f".{model_path.name}.training")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        prefix = tmp / "spm"
         spm.set_random_generator_seed(seed)
         spm.SentencePieceTrainer.train(
             input=[str(p) for p in inputs],
@@ -48,6 +51,8 @@ def train_sentencepiece(
         )
         shutil.move(prefix.with_suffix(".vocab"), model_path.with_suffix(".vocab"))
         shutil.move(prefix.with_suffix(".model"), model_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Tokenizer:

@@ -2,23 +2,38 @@
 
 Reads data/clean/{train,dev}.<lang> and data/clean/test/<name>.<lang>; writes data/tokenized/spm.model,
 <split>.<lang>.bin/.idx (see seq2seq/data.py) and meta.json.
+
+SentencePiece trains on at most tokenize.input_sentence_size sentences, a uniform random sample of the
+training text (both languages) drawn here with a fixed seed, on tokenize.num_threads threads (0 = every
+core): its time and memory stop growing with the corpus, and the model is the same on every run
+(SentencePiece's own sampling is not: it differs from one process to the next).
+Encoding cuts every file into chunks of ENCODE_CHUNK_LINES lines for tokenize.processes worker processes
+(0 = every core); each worker encodes with its own copy of the model and sends back flat id arrays, which
+the main process appends to the outputs in order. The .bin/.idx files are the same whatever the number of
+processes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+import sentencepiece as spm
+
 from seq2seq import cli, paths
-from seq2seq.config import Params, ParamsError, load_params
+from seq2seq.config import Params, ParamsError, TokenizeParams, load_params
 from seq2seq.data import TokenArrayWriter, dtype_for
+from seq2seq.parallel import LineRange, line_ranges, ordered_map, range_bytes, read_range, worker_count
 from seq2seq.progress import Progress
-from seq2seq.textio import TextFormatError, count_lines, read_lines, write_json
+from seq2seq.textio import TextFormatError, write_json
 from seq2seq.tokenizer import Tokenizer, train_sentencepiece
 
-ENCODE_CHUNK = 50_000  # lines per SentencePiece batch call
+ENCODE_CHUNK_LINES = 50_000  # lines per chunk of encoding work
+SAMPLE_SEED = 1
 
 
 def split_texts(params: Params, clean_dir: Path) -> dict[str, dict[str, Path]]:
@@ -31,25 +46,110 @@ def split_texts(params: Params, clean_dir: Path) -> dict[str, dict[str, Path]]:
     }
 
 
-def encode_file(
-    tokenizer: Tokenizer, text: Path, prefix: Path, num_threads: int, progress: Progress
-) -> tuple[int, int]:
-    """Encode a text file into `<prefix>.bin/.idx`; returns (sentences, tokens)."""
-    writer = TokenArrayWriter(prefix, dtype_for(tokenizer.vocab_size))
-    n_sent = n_tok = 0
+# --- SentencePiece training --------------------------------------------------------------------------
+
+
+def sample_sentences(texts: list[Path], size: int, out: Path, seed: int = SAMPLE_SEED) -> int:
+    """Write `size` lines drawn uniformly at random without replacement from all of `texts` to `out`, in file
+    order; returns how many (all lines if there are fewer)."""
+    ranges = [r for text in texts for r in line_ranges(text, ENCODE_CHUNK_LINES)]
+    total = sum(r.lines for r in ranges)
+    size = min(size, total)
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+    first = 0  # index of the range's first line among all lines of all texts
+    with out.open("wb") as f, Progress("sample", total=total, unit="sentences") as progress:
+        for r in ranges:
+            picked = chosen[np.searchsorted(chosen, first) : np.searchsorted(chosen, first + r.lines)] - first
+            if len(picked):
+                lines = range_bytes(r).split(b"\n")
+                f.write(b"".join(lines[i].removesuffix(b"\r") + b"\n" for i in picked.tolist()))
+            first += r.lines
+            progress.advance(r.lines)
+    return size
+
+
+def train_model(train_text: list[Path], model_path: Path, p: TokenizeParams) -> None:
+    """Train the joint SentencePiece model on a sample of `train_text`, with progress while it runs."""
+    sample = model_path.with_name("spm-sample.txt")
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    if p.input_sentence_size:
+        inputs, what = [sample], f"{sample_sentences(train_text, p.input_sentence_size, sample):,} sampled sentences"
+    else:
+        inputs, what = train_text, "every sentence"
+    threads = worker_count(p.num_threads)
+    status = f"training on {what}, {threads} threads"
     try:
-        lines = read_lines(text)
-        while chunk := list(itertools.islice(lines, ENCODE_CHUNK)):
-            ids = tokenizer.encode(chunk, num_threads=num_threads)
-            writer.write(ids)
-            n_sent += len(ids)
-            n_tok += sum(map(len, ids))
-            progress.advance(len(ids))
+        with (
+            Progress("sentencepiece", total=None) as progress,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
+            # SentencePiece releases the GIL while it trains (and says nothing until done): this thread keeps the
+            # progress going.
+            training = pool.submit(
+                train_sentencepiece,
+                inputs,
+                model_path,
+                vocab_size=p.vocab_size,
+                model_type=p.model_type,
+                character_coverage=p.character_coverage,
+                input_sentence_size=0,
+                num_threads=threads,
+            )
+            while True:
+                try:
+                    training.result(timeout=1.0)
+                    break
+                except concurrent.futures.TimeoutError:
+                    progress.update(0, status)
+    finally:
+        sample.unlink(missing_ok=True)
+
+
+# --- encoding, in worker processes -------------------------------------------------------------------
+
+_processor: spm.SentencePieceProcessor | None = None  # one per worker process
+_dtype: np.dtype | None = None
+
+
+def _start_encoder(model_path: str, dtype: str) -> None:
+    global _processor, _dtype
+    _processor = spm.SentencePieceProcessor(model_file=model_path)
+    _dtype = np.dtype(dtype)
+
+
+def _encode_chunk(lines: LineRange) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk's sentences as (all ids back to back, length of each)."""
+    assert _processor is not None and _dtype is not None, "_start_encoder runs first in every worker"
+    ids = _processor.encode(read_range(lines), out_type=int)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=_dtype, count=int(lengths.sum()))
+    return tokens, lengths
+
+
+def encode_files(
+    model_path: Path, texts: dict[Path, Path], dtype: np.dtype, processes: int
+) -> dict[Path, dict[str, int]]:
+    """Encode each text file into `<prefix>.bin/.idx` (texts: text file -> output prefix); the sentences and
+    tokens of each."""
+    chunks = {text: line_ranges(text, ENCODE_CHUNK_LINES) for text in texts}
+    tasks = [r for ranges in chunks.values() for r in ranges]
+    writers = {text: TokenArrayWriter(prefix, dtype) for text, prefix in texts.items()}
+    try:
+        with Progress("encode", total=sum(r.lines for r in tasks), unit="sentences") as progress:
+            results = ordered_map(_encode_chunk, tasks, processes, _start_encoder, (str(model_path), dtype.name))
+            for task, (tokens, lengths) in zip(tasks, results, strict=True):
+                writers[task.path].write_arrays(tokens, lengths)
+                progress.advance(len(lengths))
     except BaseException:
-        writer.abort()
+        for writer in writers.values():
+            writer.abort()
         raise
-    writer.close()
-    return n_sent, n_tok
+    for writer in writers.values():
+        writer.close()
+    return {text: {"sentences": w.sentences, "tokens": w.tokens} for text, w in writers.items()}
+
+
+# --- the stage ---------------------------------------------------------------------------------------
 
 
 def tokenize(params: Params, clean_dir: Path = paths.CLEAN, out_dir: Path = paths.TOKENIZED) -> dict:
@@ -65,32 +165,17 @@ def tokenize(params: Params, clean_dir: Path = paths.CLEAN, out_dir: Path = path
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
         t0 = time.perf_counter()
-        train_sentencepiece(
-            list(texts["train"].values()),
-            tmp_dir / "spm.model",
-            vocab_size=p.vocab_size,
-            model_type=p.model_type,
-            character_coverage=p.character_coverage,
-            input_sentence_size=p.input_sentence_size,
-            num_threads=p.num_threads,
-        )
-        tokenizer = Tokenizer(tmp_dir / "spm.model")
+        train_model(list(texts["train"].values()), tmp_dir / "spm.model", p)
+        vocab_size = Tokenizer(tmp_dir / "spm.model").vocab_size
         spm_seconds = time.perf_counter() - t0
-        meta: dict = {
-            "vocab_size": tokenizer.vocab_size,
-            "dtype": dtype_for(tokenizer.vocab_size).name,
-            "langs": list(langs),
-            "splits": {},
+        dtype = dtype_for(vocab_size)
+        outputs = {
+            text: tmp_dir / f"{split}.{lang}" for split, by_lang in texts.items() for lang, text in by_lang.items()
         }
-        total = sum(count_lines(text) for by_lang in texts.values() for text in by_lang.values())
-        with Progress("tokenize: encode", total, unit="sentences") as progress:
-            for split, by_lang in texts.items():
-                entry = {}
-                for lang, text in by_lang.items():
-                    prefix = tmp_dir / f"{split}.{lang}"
-                    n_sent, n_tok = encode_file(tokenizer, text, prefix, p.num_threads, progress)
-                    entry[lang] = {"sentences": n_sent, "tokens": n_tok}
-                meta["splits"][split] = entry
+        counts = encode_files(tmp_dir / "spm.model", outputs, dtype, p.processes)
+        meta: dict = {"vocab_size": vocab_size, "dtype": dtype.name, "langs": list(langs), "splits": {}}
+        for split, by_lang in texts.items():
+            meta["splits"][split] = {lang: counts[text] for lang, text in by_lang.items()}
         meta["seconds"] = {"sentencepiece": round(spm_seconds, 2), "total": round(time.perf_counter() - t0, 2)}
         write_json(tmp_dir / "meta.json", meta)
         shutil.rmtree(out_dir, ignore_errors=True)
