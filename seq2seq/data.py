@@ -102,24 +102,30 @@ def token_batches(
     """Group sentence indices into batches of similar length whose padded size fits `max_tokens`.
 
     The padded size of a batch is n * (max source len + max target len), counting the EOS/BOS
-    that `collate` adds. Sorting by length (randomly within equal lengths when `rng` is given)
-    keeps padding low; the batch order is shuffled with `rng`, or kept sorted without it.
+    that `collate` adds. Sorting by length (target, then source, then randomly within equal lengths
+    when `rng` is given) keeps padding low; the batch order is shuffled with `rng`, or kept sorted
+    without it. A sentence too long for the budget gets a batch of its own.
+
+    One sort, then one cut per batch: along the sorted order the padded size of a batch that starts at
+    `start` only grows with its size, so its end is a binary search over a short window, not a loop over
+    its sentences.
     """
-    src_lengths = np.asarray(src_lengths) + 1
-    tgt_lengths = np.asarray(tgt_lengths) + 1
-    tie = rng.random(len(src_lengths)) if rng is not None else np.arange(len(src_lengths))
-    order = np.lexsort((tie, src_lengths, tgt_lengths))
+    src = np.asarray(src_lengths, dtype=np.int64) + 1
+    tgt = np.asarray(tgt_lengths, dtype=np.int64) + 1
+    tie = rng.random(len(src)) if rng is not None else np.arange(len(src))
+    order = np.lexsort((tie, src, tgt))
+    src, tgt = src[order], tgt[order]  # tgt is now non-decreasing
     batches: list[np.ndarray] = []
-    start, max_s, max_t = 0, 0, 0
-    for pos, i in enumerate(order):
-        s, t = int(src_lengths[i]), int(tgt_lengths[i])
-        new_s, new_t = max(max_s, s), max(max_t, t)
-        if pos > start and (pos - start + 1) * (new_s + new_t) > max_tokens:
-            batches.append(order[start:pos])
-            start, new_s, new_t = pos, s, t
-        max_s, max_t = new_s, new_t
-    if start < len(order):
-        batches.append(order[start:])
+    start = 0
+    while start < len(order):
+        # k sentences from `start` pad to k * (max of their source lengths + the k-th target length), which is
+        # at least k * (src[start] + tgt[start]): no batch can hold more than `most` of them.
+        most = max_tokens // int(src[start] + tgt[start])
+        end = min(len(order), start + most + 1)
+        padded = np.arange(1, end - start + 1) * (np.maximum.accumulate(src[start:end]) + tgt[start:end])
+        size = max(1, int(np.searchsorted(padded, max_tokens, side="right")))
+        batches.append(order[start : start + size])
+        start += size
     if rng is not None:
         rng.shuffle(batches)
     return batches

@@ -82,3 +82,55 @@ def test_collate_adds_bos_eos_and_pads() -> None:
     assert s.tolist() == [[5, 6, EOS_ID], [7, EOS_ID, PAD_ID]]
     assert t_in.tolist() == [[BOS_ID, 8, PAD_ID, PAD_ID], [BOS_ID, 9, 10, 11]]
     assert t_out.tolist() == [[8, EOS_ID, PAD_ID, PAD_ID], [9, 10, 11, EOS_ID]]
+
+
+def reference_token_batches(
+    src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
+    """token_batches as it was before it was vectorised: a Python loop over the sorted sentences."""
+    src_lengths = np.asarray(src_lengths) + 1
+    tgt_lengths = np.asarray(tgt_lengths) + 1
+    tie = rng.random(len(src_lengths)) if rng is not None else np.arange(len(src_lengths))
+    order = np.lexsort((tie, src_lengths, tgt_lengths))
+    batches: list[np.ndarray] = []
+    start, max_s, max_t = 0, 0, 0
+    for pos, i in enumerate(order):
+        s, t = int(src_lengths[i]), int(tgt_lengths[i])
+        new_s, new_t = max(max_s, s), max(max_t, t)
+        if pos > start and (pos - start + 1) * (new_s + new_t) > max_tokens:
+            batches.append(order[start:pos])
+            start, new_s, new_t = pos, s, t
+        max_s, max_t = new_s, new_t
+    if start < len(order):
+        batches.append(order[start:])
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+LENGTH_CASES = {
+    "random": (np.random.default_rng(2).integers(0, 120, 3000), np.random.default_rng(3).integers(0, 120, 3000)),
+    "empty": (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)),
+    "one": (np.array([7]), np.array([9])),
+    "all equal": (np.full(500, 10), np.full(500, 10)),
+    "zero lengths": (np.zeros(200, dtype=np.int64), np.zeros(200, dtype=np.int64)),
+    "some over budget": (np.array([5, 400, 3, 900, 2, 2, 2]), np.array([4, 10, 800, 1, 3, 3, 3])),
+    "long tail": (
+        np.random.default_rng(4).zipf(1.6, 2000).clip(max=1000),
+        np.random.default_rng(5).zipf(1.6, 2000).clip(max=1000),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LENGTH_CASES)
+@pytest.mark.parametrize("max_tokens", [1, 2, 50, 300, 4096])
+@pytest.mark.parametrize("seed", [None, 0, 7])
+def test_vectorised_token_batches_equal_the_reference_loop(case: str, max_tokens: int, seed: int | None) -> None:
+    src_len, tgt_len = LENGTH_CASES[case]
+    rng = None if seed is None else np.random.default_rng(seed)
+    ref_rng = None if seed is None else np.random.default_rng(seed)
+    got = token_batches(src_len, tgt_len, max_tokens, rng)
+    want = reference_token_batches(src_len, tgt_len, max_tokens, ref_rng)
+    assert [b.tolist() for b in got] == [b.tolist() for b in want]
+    if rng is not None:  # the generator is left in the same state, so the next epoch's batches match too
+        assert rng.random() == ref_rng.random()
