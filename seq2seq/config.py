@@ -70,7 +70,10 @@ class DatasetSource(Strict):
 
 
 class Checksum(Strict):
-    sha256: str | None = None
+    """What is published about a file; every field given is checked."""
+
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    md5: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{32}$")
     size: int | None = Field(default=None, ge=0)
 
 

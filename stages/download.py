@@ -3,7 +3,11 @@
 For each dataset in data.train + data.dev + data.test this writes `<out_dir>/<name>.<lang>` for the
 source and target language (UTF-8, one segment per line, every line newline-terminated) and
 `<out_dir>/manifest.json` (per output file: lines, bytes, sha256, origin). Downloads are cached in
-`<cache_dir>`, resumed with HTTP Range and checked against download.checksums. A mirror
+`<cache_dir>` and checked against download.checksums (size, sha256, md5). A file with no published checksum
+gets its size and sha256 recorded when its download completes, and a cached file is reused only when it
+still matches what is known of it, never on trust. An interrupted download resumes with HTTP Range plus
+If-Range (the ETag or Last-Modified of the response that started it), so bytes of a file that changed
+upstream are never spliced onto the old ones: the server then sends the whole new file. A mirror
 (download.mirror, or env NMT_MIRROR) replaces the upstream URLs entirely: machines that use one have
 no internet, so a file missing from the mirror is an error rather than a reason to go upstream.
 """
@@ -14,6 +18,8 @@ import contextlib
 import gzip
 import hashlib
 import html
+import io
+import json
 import logging
 import os
 import posixpath
@@ -22,24 +28,24 @@ import sys
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, unquote, urlsplit
 from urllib.request import url2pathname
 
 import requests
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from seq2seq import cli, paths
 from seq2seq.config import MIRROR_ENV, Checksum, DatasetSource, DownloadParams, Params, ParamsError, load_params
+from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, atomic_write, write_json
 
 log = logging.getLogger("download")
 
 CHUNK_BYTES = 1 << 16  # a transfer cut short loses the chunk being read: keep chunks small
+HASH_CHUNK_BYTES = 1 << 20
 LINES_PER_WRITE = 10_000
 RETRY_STATUS = {408, 429}  # 4xx codes that mean "try again later", unlike 404 or 403
 LOG_STEPS_ABOVE_BYTES = 64 << 20  # without a terminal, log every 10% only for transfers this large
@@ -223,15 +229,15 @@ class _Fetcher:
         dest = self.cache_dir / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         self._forget_other_source(dest, url)
-        if dest.exists():
-            problem = _checksum_problem(dest, expected)
-            if problem is None:
-                log.info("%s: using the cached %s", url, dest)
-                return _Part(dest, url)
-            log.warning("%s: the cached file fails its checksum (%s); fetching it again", dest, problem)
-            dest.unlink()
+        if dest.exists() and self._cached_ok(dest, name):
+            log.info("%s: using the cached %s", url, dest)
+            return _Part(dest, url)
+        dest.unlink(missing_ok=True)
         for attempt in (1, 2):  # a bad checksum is refetched once: a corrupt transfer is possible, twice unlikely
             self._download(url, dest)
+            if expected is None:
+                self._remember_checksum(dest, name)
+                return _Part(dest, url)
             problem = _checksum_problem(dest, expected)
             if problem is None:
                 return _Part(dest, url)
@@ -240,13 +246,43 @@ class _Fetcher:
                 log.warning("%s: checksum mismatch (%s); fetching it once more", url, problem)
         raise DownloadError(f"{url}: checksum mismatch (download.checksums.{name}) after refetching: {problem}")
 
+    def _cached_ok(self, dest: Path, name: str) -> bool:
+        """Whether a cached download matches its published checksum or, lacking one, the size and sha256
+        recorded when it was downloaded; a file with neither is not reused."""
+        known = self.params.checksums.get(name)
+        what = f"download.checksums.{name}"
+        if known is None:
+            record = _CacheRecord.read(_record_path(dest))
+            known, what = (record.checksum(), "the size and sha256 recorded at download") if record else (None, "")
+        if known is None:
+            log.warning("%s: nothing to check the cached file against; fetching it again", dest)
+            return False
+        problem = _checksum_problem(dest, known)
+        if problem is not None:
+            log.warning("%s: the cached file does not match %s (%s); fetching it again", dest, what, problem)
+        return problem is None
+
+    def _remember_checksum(self, dest: Path, name: str) -> None:
+        """Record the size and sha256 of a download that has no published checksum, to check it on reuse."""
+        record = _CacheRecord.read(_record_path(dest)) or _CacheRecord(url="")
+        record.size, record.sha256 = dest.stat().st_size, _sha256(dest)
+        record.write(_record_path(dest))
+        log.info(
+            "%s: no published checksum (download.checksums.%s); recorded size %d and sha256 %s, checked on reuse",
+            dest,
+            name,
+            record.size,
+            record.sha256,
+        )
+
     def _forget_other_source(self, dest: Path, url: str) -> None:
         """Drop cached bytes that came from another URL of the same file name (a `<name>.url` file records it)."""
-        record = _record_path(dest)
-        if record.exists() and record.read_text(encoding="utf-8").strip() != url:
+        path = _record_path(dest)
+        record = _CacheRecord.read(path)
+        if path.exists() and (record is None or record.url != url):
             log.info("%s: the cached copy came from another URL; fetching it again", dest)
-            for path in (dest, _part_path(dest), record):
-                path.unlink(missing_ok=True)
+            for stale in (dest, _part_path(dest), path):
+                stale.unlink(missing_ok=True)
 
     def _download(self, url: str, dest: Path) -> None:
         """Fetch `url` to `dest` through `<dest>.part`, resuming it with Range and retrying transient failures."""
@@ -275,16 +311,27 @@ class _Fetcher:
         os.replace(part, dest)
 
     def _transfer(self, url: str, dest: Path) -> None:
-        """One GET of `url` into `<dest>.part`: append on 206 Partial Content, start over on 200."""
-        part = _part_path(dest)
+        """One GET of `url` into `<dest>.part`: append on 206 Partial Content, start over on 200.
+
+        A resumed request carries If-Range with the validator of the response that began the file, so a server
+        whose file has changed since answers 200 with all of the new one instead of the rest of it.
+        """
+        part, record_path = _part_path(dest), _record_path(dest)
         offset = _size(part)
+        record = _CacheRecord.read(record_path)
         headers = {"Accept-Encoding": "identity"}  # byte ranges and checksums refer to the file as stored
         if offset:
-            headers["Range"] = f"bytes={offset}-"
+            validator = record.validator() if record is not None else None
+            if validator is None:
+                log.warning("%s: no ETag or Last-Modified for the partial download; starting over", url)
+                part.unlink()
+                offset = 0
+            else:
+                headers.update({"Range": f"bytes={offset}-", "If-Range": validator})
         timeout = self.params.timeout_seconds
         with self.session.get(url, headers=headers, stream=True, timeout=(timeout, timeout)) as r:
             status = r.status_code
-            if offset and (status == 416 or (status == 206 and _range_start(r) != offset)):
+            if offset and (status == 416 or (status == 206 and not _resumes(r, offset, record))):
                 log.warning("%s: the server can't resume at byte %d (HTTP %d); starting over", url, offset, status)
                 part.unlink()
                 self._transfer(url, dest)
@@ -296,24 +343,74 @@ class _Fetcher:
             if status not in (200, 206):
                 raise DownloadError(f"{url}: HTTP {status} {r.reason}")
             if offset and status == 200:
-                log.info("%s: the server ignored the Range request; starting over", url)
+                log.info("%s: the file changed upstream, or the server ignores Range; starting over", url)
                 offset = 0
-            # written before any byte, so a later run knows where a leftover .part came from
-            _record_path(dest).write_text(url + "\n", encoding="utf-8")
+            if status == 200:
+                # written before any byte, so a later run knows where a leftover .part came from and how to resume it
+                _CacheRecord.of_response(url, r).write(record_path)
             length = r.headers.get("Content-Length", "")
             expect = int(length) if length.isdigit() else None
             log.info("%s: fetching%s", url, f" from byte {offset}" if offset else "")
             received = 0
+            total = None if expect is None else offset + expect
             with (
                 part.open("ab" if offset else "wb") as f,
-                _progress(_url_basename(url), None if expect is None else offset + expect, offset) as advance,
+                Progress(_url_basename(url), total, "bytes", offset, plain=(total or 0) > LOG_STEPS_ABOVE_BYTES) as bar,
             ):
                 for chunk in r.iter_content(CHUNK_BYTES):
                     f.write(chunk)
                     received += len(chunk)
-                    advance(len(chunk))
+                    bar.advance(len(chunk))
             if expect is not None and received < expect:
                 raise _TransientError(f"connection closed after {received} of {expect} bytes")
+
+
+@dataclass
+class _CacheRecord:
+    """`<name>.url` beside a cached download: the URL its bytes came from, the validators (ETag, Last-Modified)
+    of the response that began them, and, for a file with no published checksum, its size and sha256 once
+    complete."""
+
+    url: str
+    etag: str | None = None
+    last_modified: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def of_response(cls, url: str, r: requests.Response) -> _CacheRecord:
+        return cls(url, r.headers.get("ETag"), r.headers.get("Last-Modified"))
+
+    @classmethod
+    def read(cls, path: Path) -> _CacheRecord | None:
+        """The record, or None if there is none; a record from before these were JSON holds just the URL."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            return cls(**json.loads(text))
+        except (json.JSONDecodeError, TypeError):
+            return cls(url=text.strip())
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)) + "\n", encoding="utf-8")
+
+    def validator(self) -> str | None:
+        """What If-Range may carry: a strong ETag, else Last-Modified (RFC 9110 section 13.1.5)."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    def checksum(self) -> Checksum | None:
+        return Checksum(size=self.size, sha256=self.sha256) if self.sha256 else None
+
+
+def _resumes(r: requests.Response, offset: int, record: _CacheRecord | None) -> bool:
+    """Whether a 206 answer continues our partial file: it starts at `offset`, and is of the same version."""
+    etag = r.headers.get("ETag")
+    same_version = not (etag and record is not None and record.etag and etag != record.etag)
+    return _range_start(r) == offset and same_version
 
 
 def _url_path(url: str) -> str:
@@ -345,12 +442,18 @@ def _range_start(r: requests.Response) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _digests(path: Path, names: Iterable[str] = ("sha256",)) -> dict[str, str]:
+    """Hex digests of the file, one pass for all the hashlib algorithms named."""
+    hashes = {name: hashlib.new(name) for name in names}
     with path.open("rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            for h in hashes.values():
+                h.update(chunk)
+    return {name: h.hexdigest() for name, h in hashes.items()}
+
+
+def _sha256(path: Path) -> str:
+    return _digests(path)["sha256"]
 
 
 def _same_content(paths: list[Path]) -> bool:
@@ -360,48 +463,16 @@ def _same_content(paths: list[Path]) -> bool:
 
 
 def _checksum_problem(path: Path, expected: Checksum | None) -> str | None:
-    """None when `path` matches the known size and sha256 (or none is known), else "expected ... got ..."."""
+    """None when `path` matches the known size, sha256 and md5 (or none is known), else "expected ... got ..."."""
     if expected is None:
         return None
-    size = path.stat().st_size
-    sha256 = _sha256(path) if expected.sha256 is not None else None
-    size_ok = expected.size is None or size == expected.size
-    sha_ok = expected.sha256 is None or sha256 == expected.sha256.lower()
-    if size_ok and sha_ok:
-        return None
-    want = {"size": expected.size, "sha256": expected.sha256}
-    got = {"size": size, "sha256": sha256}
+    want = {"size": expected.size, "sha256": expected.sha256, "md5": expected.md5}
+    digests = [k for k in ("sha256", "md5") if want[k] is not None]
+    got: dict[str, Any] = {"size": path.stat().st_size, **_digests(path, digests)}
     keys = [k for k, v in want.items() if v is not None]
+    if all(str(want[k]).lower() == str(got[k]) for k in keys):
+        return None
     return f"expected {', '.join(f'{k} {want[k]}' for k in keys)}; got {', '.join(f'{k} {got[k]}' for k in keys)}"
-
-
-@contextlib.contextmanager
-def _progress(label: str, total: int | None, done: int) -> Iterator[Callable[[int], None]]:
-    """Report a transfer: a rich progress bar when stderr is a terminal, else a log line per 10% of large files."""
-    if sys.stderr.isatty():
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(label, total=total, completed=done)
-            yield lambda n: bar.advance(task, n)
-        return
-    size = total or 0
-    step = size // 10 if size > LOG_STEPS_ABOVE_BYTES else 0
-    mark = done + step
-
-    def advance(n: int) -> None:
-        nonlocal done, mark
-        done += n
-        if step and done >= mark:
-            log.info("%s: %d%% of %d MB", label, 100 * done // size, size >> 20)
-            mark = done - done % step + step
-
-    yield advance
 
 
 # --- Reading files and archive members as lines --------------------------------------------------------
@@ -446,7 +517,7 @@ def _extract(parts: dict[str, _Part], sinks: dict[str, _Sink]) -> None:
     members: dict[Path, dict[str, str]] = {}
     for lang, part in parts.items():
         if part.member is None:
-            with part.path.open("rb") as f:
+            with _reading(part.path) as f:
                 sinks[lang].write_lines(_lines(f, part.path.name, part.label))
         else:
             members.setdefault(part.path, {})[posixpath.normpath(part.member)] = lang
@@ -459,7 +530,7 @@ def _extract_members(archive: Path, wanted: dict[str, str], sinks: dict[str, _Si
     remaining = dict(wanted)
     seen: list[str] = []
     try:
-        with tarfile.open(archive, mode="r|*") as tar:
+        with _reading(archive) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for info in tar:
                 name = posixpath.normpath(info.name)
                 if not info.isfile():
@@ -481,6 +552,33 @@ def _extract_members(archive: Path, wanted: dict[str, str], sinks: dict[str, _Si
             f"archive {archive} has no member {', '.join(map(repr, sorted(remaining)))} "
             f"(it has {len(seen)} files: {some or 'none'})"
         )
+
+
+class _Counted(io.RawIOBase):
+    """A binary file that reports every byte read from it to a progress bar."""
+
+    def __init__(self, f: IO[bytes], progress: Progress):
+        self.f, self.progress = f, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.f.readinto(buffer) or 0  # type: ignore[attr-defined]
+        self.progress.advance(n)
+        return n
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[IO[bytes]]:
+    """Open a local file or archive to read it once through, with progress in bytes (a line per 10% without a
+    terminal, for large files only)."""
+    size = path.stat().st_size
+    with (
+        path.open("rb", buffering=0) as raw,
+        Progress(f"extract {path.name}", size, "bytes", plain=size > LOG_STEPS_ABOVE_BYTES) as progress,
+    ):
+        yield io.BufferedReader(_Counted(raw, progress), HASH_CHUNK_BYTES)  # type: ignore[arg-type]
 
 
 def _lines(stream: IO[bytes], name: str, label: str) -> Iterator[bytes]:

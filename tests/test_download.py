@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import random
 import re
 import shutil
@@ -15,6 +16,7 @@ import sys
 import tarfile
 import threading
 from collections.abc import Iterator
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -80,12 +82,12 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def build_statmt(root: Path) -> None:
+def build_statmt(root: Path, nc_en: list[str] = NC_EN) -> None:
     """The WMT'14 files this repo's params.yaml names, in statmt.org's layout, with a few lines each."""
     _tar(
         root / "wmt14/training-parallel-nc-v9.tgz",
         {
-            "training/news-commentary-v9.fr-en.en": _text(NC_EN, end="\r\n"),  # CRLF: written back as LF
+            "training/news-commentary-v9.fr-en.en": _text(nc_en, end="\r\n"),  # CRLF: written back as LF
             "training/news-commentary-v9.fr-en.fr": _text(NC_FR)[:-1],  # no final newline, like Europarl
             "training/news-commentary-v9.de-en.de": b"nicht gewollt\n",
             # incompressible padding, so that a transfer cut at CUT bytes has already written whole chunks
@@ -120,14 +122,21 @@ def build_statmt(root: Path) -> None:
 
 
 class Site:
-    """What the test server serves (files under `root`), what it was asked, and the faults to inject."""
+    """What the test server serves (files under `root`), what it was asked, and the faults to inject.
+
+    Every response carries a strong ETag (from the content) and Last-Modified; a Range request whose If-Range
+    no longer matches the file gets all of it (200), as RFC 9110 says.
+    """
 
     def __init__(self, root: Path):
         self.root = root
         self.base = ""
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-        # path -> faults for its next requests, one per request: "500", "corrupt", "cut:N", "ignore-range"
+        self.if_ranges: list[tuple[str, str | None]] = []  # (path, If-Range header)
+        # path -> faults for its next requests, one per request: "500", "corrupt", "cut:N", "ignore-range",
+        # "cut+change:N" (cut, then the file changes upstream: it becomes replacements[path])
         self.faults: dict[str, list[str]] = {}
+        self.replacements: dict[str, bytes] = {}
 
     def url(self, path: str) -> str:
         return f"{self.base}/{path}"
@@ -144,6 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.lstrip("/")
         rng = self.headers.get("Range")
         site.requests.append((path, rng))
+        site.if_ranges.append((path, self.headers.get("If-Range")))
         queued = site.faults.get(path)
         fault = queued.pop(0) if queued else ""
         if fault == "500":
@@ -154,8 +164,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = file.read_bytes()
+        etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+        last_modified = formatdate(file.stat().st_mtime, usegmt=True)
         if fault == "corrupt":
             data = bytes([data[0] ^ 0xFF]) + data[1:]  # same size, other bytes: only sha256 can tell
+        if self.headers.get("If-Range", etag) not in (etag, last_modified):
+            rng = None  # the file changed since the client's copy began: it gets the whole new one
         start = 0
         if rng and fault != "ignore-range":
             m = re.fullmatch(r"bytes=(\d+)-", rng)
@@ -172,10 +186,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("Last-Modified", last_modified)
         self.end_headers()
-        if fault.startswith("cut:"):
-            body = body[: int(fault.removeprefix("cut:"))]  # then HTTP/1.0 closes the connection: a short body
+        if fault.startswith(("cut:", "cut+change:")):
+            body = body[: int(fault.split(":")[1])]  # then HTTP/1.0 closes the connection: a short body
         self.wfile.write(body)
+        if fault.startswith("cut+change:"):
+            file.write_bytes(site.replacements[path])
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep pytest output quiet; Site.requests is the log
@@ -414,6 +432,82 @@ def test_cached_downloads_are_reused_unless_their_url_changed(site: Site, tmp_pa
     raw["download"]["datasets"]["newstest2013"]["en-fr"]["archive"] = site.url("wmt15/dev.tgz")
     download(parse_params(raw), tmp_path / "raw3", tmp_path / "dl")
     assert site.requests == [("wmt15/dev.tgz", None)]
+
+
+def test_a_file_changed_upstream_mid_download_is_fetched_whole_not_spliced(site: Site, tmp_path: Path) -> None:
+    """The transfer is cut, then the file changes upstream: the resumed request's If-Range (the old ETag) no
+    longer matches, the server sends all of the new file, and the cache holds exactly that, not old + new."""
+    old = (site.root / NC_TGZ).read_bytes()
+    build_statmt(tmp_path / "v2", nc_en=["A newer release.", "Its lines differ.", "Three of them."])
+    site.replacements[NC_TGZ] = new = (tmp_path / "v2" / NC_TGZ).read_bytes()
+    site.faults[NC_TGZ] = [f"cut+change:{CUT}"]
+
+    download(wmt(site), tmp_path / "raw", tmp_path / "dl")  # no published checksum: nothing else would notice
+
+    (_, first), (_, resumed) = [r for r in site.if_ranges if r[0] == NC_TGZ]
+    assert first is None and resumed == '"' + hashlib.sha256(old).hexdigest()[:16] + '"'
+    assert (tmp_path / "dl/training-parallel-nc-v9.tgz").read_bytes() == new
+    assert lines(tmp_path / "raw/news_commentary_v9.en") == ["A newer release.", "Its lines differ.", "Three of them."]
+
+
+def test_without_a_published_checksum_the_first_download_is_recorded_and_reuse_checked(
+    site: Site, tmp_path: Path
+) -> None:
+    download(wmt(site), tmp_path / "raw", tmp_path / "dl")
+    cached = tmp_path / "dl/dev.tgz"
+    record = json.loads((tmp_path / "dl/dev.tgz.url").read_text())
+    assert {"size": record["size"], "sha256": record["sha256"]} == checksum(site.root / "wmt14/dev.tgz")
+
+    site.requests.clear()
+    download(wmt(site), tmp_path / "raw2", tmp_path / "dl")
+    assert site.requests == []  # every cached file matched what was recorded
+
+    data = bytearray(cached.read_bytes())
+    data[100] ^= 0xFF  # same size, other bytes
+    cached.write_bytes(bytes(data))
+    download(wmt(site), tmp_path / "raw3", tmp_path / "dl")
+    assert site.requests == [("wmt14/dev.tgz", None)]
+    assert checksum(cached) == checksum(site.root / "wmt14/dev.tgz")
+
+
+def test_a_wmt_archive_failing_its_published_checksum_is_refused_naming_both_digests(
+    site: Site, tmp_path: Path
+) -> None:
+    published = committed_params()["download"]["checksums"]
+    nc = published["training-parallel-nc-v9.tgz"]
+    actual = checksum(site.root / NC_TGZ)  # the test server's small stand-in, not the real 80 MB archive
+
+    with pytest.raises(DownloadError) as err:
+        download(wmt(site, checksums=published), tmp_path / "raw", tmp_path / "dl")
+    message = str(err.value)
+    assert "training-parallel-nc-v9.tgz" in message
+    assert f"expected size {nc['size']}, sha256 {nc['sha256']}" in message
+    assert f"got size {actual['size']}, sha256 {actual['sha256']}" in message
+    assert files_in(tmp_path / "raw") == []
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(site.root / "wmt14", mirror)
+    with pytest.raises(DownloadError, match=r"mirror file .*training-parallel-nc-v9\.tgz fails its checksum") as err:
+        download(wmt(site, mirror=str(mirror), checksums=published), tmp_path / "raw", tmp_path / "dl")
+    assert nc["sha256"] in str(err.value) and actual["sha256"] in str(err.value)
+
+
+@pytest.mark.parametrize("tgt", ["fr", "de"])
+def test_every_archive_of_the_default_recipes_has_a_published_checksum(tgt: str) -> None:
+    raw = committed_params()
+    raw["data"]["tgt_lang"] = tgt
+    if tgt == "de":  # the en-de recipe of the README: no UN or Giga-FrEn
+        raw["data"]["train"] = ["europarl_v7", "commoncrawl", "news_commentary_v9"]
+    params = parse_params(raw)
+    names = [params.data.dev, *params.data.train, *params.data.test]
+    archives = {posixpath.basename(params.source_for(name).archive or "") for name in names}
+
+    def published(archive: str) -> bool:
+        known = params.download.checksums.get(archive)
+        return known is not None and bool(known.sha256 or known.md5)
+
+    # dev.tgz has none published: its first download is recorded and checked on reuse (test above)
+    assert [archive for archive in sorted(archives) if archive != "dev.tgz" and not published(archive)] == []
 
 
 # --- Mirrors -------------------------------------------------------------------------------------------------
