@@ -92,6 +92,15 @@ class TokenArray:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of sentences `indices`, back to back, and the length of each: one read of the memmap."""
+        lengths = self.lengths[indices]
+        starts = self.offsets[:-1][indices]
+        # position j of the output is token (start of its sentence) + (j - where its sentence begins in the output)
+        begins = np.cumsum(lengths) - lengths
+        positions = np.repeat(starts - begins, lengths) + np.arange(int(lengths.sum()))
+        return np.asarray(self.tokens[positions]), lengths
+
 
 def token_batches(
     src_lengths: np.ndarray,
@@ -133,28 +142,33 @@ def token_batches(
 
 def pad_batch(seqs: Sequence[np.ndarray], prefix: int | None = None, suffix: int | None = None) -> torch.Tensor:
     """Stack id sequences into a [batch, max_len] int64 tensor padded with PAD_ID."""
-    extra = (prefix is not None) + (suffix is not None)
-    width = max(len(s) for s in seqs) + extra
-    out = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
-    for row, s in enumerate(seqs):
-        col = 0
-        if prefix is not None:
-            out[row, 0] = prefix
-            col = 1
-        out[row, col : col + len(s)] = s
-        if suffix is not None:
-            out[row, col + len(s)] = suffix
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    return _padded(np.concatenate([np.asarray(s) for s in seqs]), lengths, prefix, suffix)
+
+
+def _padded(ids: np.ndarray, lengths: np.ndarray, prefix: int | None, suffix: int | None) -> torch.Tensor:
+    """Sentences given as ids back to back and their lengths, as rows of a PAD_ID-padded int64 tensor, each
+    with `prefix` before it and `suffix` after it when given."""
     import torch
 
+    first = int(prefix is not None)
+    out = np.full((len(lengths), int(lengths.max()) + first + (suffix is not None)), PAD_ID, dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + first
+    out[rows, cols] = ids
+    if prefix is not None:
+        out[:, 0] = prefix
+    if suffix is not None:
+        out[np.arange(len(lengths)), lengths + first] = suffix
     return torch.from_numpy(out)
 
 
 def collate(src: TokenArray, tgt: TokenArray, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(source + EOS, BOS + target, target + EOS) padded tensors for teacher forcing."""
-    src_seqs = [src[i] for i in indices]
-    tgt_seqs = [tgt[i] for i in indices]
+    src_ids, src_lengths = src.gather(indices)
+    tgt_ids, tgt_lengths = tgt.gather(indices)
     return (
-        pad_batch(src_seqs, suffix=EOS_ID),
-        pad_batch(tgt_seqs, prefix=BOS_ID),
-        pad_batch(tgt_seqs, suffix=EOS_ID),
+        _padded(src_ids, src_lengths, None, EOS_ID),
+        _padded(tgt_ids, tgt_lengths, BOS_ID, None),
+        _padded(tgt_ids, tgt_lengths, None, EOS_ID),
     )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from seq2seq.data import TokenArray, TokenArrayWriter, collate, dtype_for, token_batches
+from seq2seq.data import TokenArray, TokenArrayWriter, collate, dtype_for, pad_batch, token_batches
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_sentencepiece
 from tests.pipeline_fixtures import toy_pair
 
@@ -73,15 +74,41 @@ def test_token_batches_respect_budget_and_cover_every_sentence() -> None:
     assert all((a == b).all() for a, b in zip(batches, again, strict=True))
 
 
-def test_collate_adds_bos_eos_and_pads() -> None:
-    class Arr(list):
-        pass
-
-    src, tgt = Arr([np.array([5, 6]), np.array([7])]), Arr([np.array([8]), np.array([9, 10, 11])])
+def test_collate_adds_bos_eos_and_pads(tmp_path) -> None:
+    for lang, sentences in (("en", [[5, 6], [7], []]), ("fr", [[8], [9, 10, 11], [12]])):
+        writer = TokenArrayWriter(tmp_path / f"train.{lang}", np.dtype(np.uint16))
+        writer.write(sentences)
+        writer.close()
+    src, tgt = (TokenArray(tmp_path / f"train.{lang}", np.dtype(np.uint16)) for lang in ("en", "fr"))
     s, t_in, t_out = collate(src, tgt, np.array([0, 1]))
     assert s.tolist() == [[5, 6, EOS_ID], [7, EOS_ID, PAD_ID]]
     assert t_in.tolist() == [[BOS_ID, 8, PAD_ID, PAD_ID], [BOS_ID, 9, 10, 11]]
     assert t_out.tolist() == [[8, EOS_ID, PAD_ID, PAD_ID], [9, 10, 11, EOS_ID]]
+    assert s.dtype == t_in.dtype == t_out.dtype == torch.int64
+    s, t_in, _ = collate(src, tgt, np.array([2, 1]))  # any order, an empty sentence
+    assert s.tolist() == [[EOS_ID, PAD_ID], [7, EOS_ID]] and t_in.tolist() == [[BOS_ID, 12, PAD_ID, PAD_ID], [BOS_ID, 9, 10, 11]]
+
+
+def reference_pad_batch(seqs: list[np.ndarray], prefix: int | None = None, suffix: int | None = None) -> np.ndarray:
+    """pad_batch as it was before it was vectorised: a loop over the rows."""
+    extra = (prefix is not None) + (suffix is not None)
+    out = np.full((len(seqs), max(len(s) for s in seqs) + extra), PAD_ID, dtype=np.int64)
+    for row, s in enumerate(seqs):
+        col = 0
+        if prefix is not None:
+            out[row, 0] = prefix
+            col = 1
+        out[row, col : col + len(s)] = s
+        if suffix is not None:
+            out[row, col + len(s)] = suffix
+    return out
+
+
+@pytest.mark.parametrize("prefix, suffix", [(None, None), (BOS_ID, None), (None, EOS_ID), (BOS_ID, EOS_ID)])
+def test_pad_batch_equals_the_row_by_row_loop(prefix: int | None, suffix: int | None) -> None:
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(4, 1000, n) for n in [0, 5, 1, 17, 0, 3]]
+    assert pad_batch(seqs, prefix, suffix).numpy().tolist() == reference_pad_batch(seqs, prefix, suffix).tolist()
 
 
 def reference_token_batches(
