@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from seq2seq import cli, paths
 from seq2seq.config import CleanParams, Params, ParamsError, load_params
-from seq2seq.parallel import LineRange, aligned_ranges, ordered_map, read_range
+from seq2seq.parallel import LineRange, aligned_ranges, ordered_map, range_bytes, read_range
 from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, atomic_write, write_json
 
@@ -233,7 +233,7 @@ class Lines:
     @classmethod
     def of(cls, encoded: list[bytes]) -> Lines:
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
-        return cls(b"".join(line + b"\n" for line in encoded), sizes)
+        return cls(b"\n".join(encoded) + b"\n" if encoded else b"", sizes)
 
     def select(self, keep: np.ndarray) -> bytes:
         """The lines where `keep` is true, as one block."""
@@ -272,7 +272,7 @@ class ChunkCleaner:
         return CleanedChunk(len(alive), dropped, Lines.of(src_lines), Lines.of(tgt_lines), hashes, wrong)
 
     def _normalized(self, lines: LineRange) -> pa.Array:
-        return normalize_array(pa.array(read_range(lines), type=pa.large_string()), self.cfg.normalization)
+        return normalize_array(arrow_lines(lines), self.cfg.normalization)
 
     def _wrong_language(self, src: list[bytes], tgt: list[bytes]) -> np.ndarray:
         want_src, want_tgt = self.langs
@@ -284,8 +284,25 @@ class ChunkCleaner:
         return np.array(wrong, dtype=bool)
 
 
+def arrow_lines(lines: LineRange) -> pa.Array:
+    """A range's lines as an Arrow string array, as read_range reads them (no "\\n", nor "\\r" before it), made
+    from the file's bytes without a Python object per line."""
+    data = range_bytes(lines)
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n")) + 1
+    if not data.endswith(b"\n"):
+        ends = np.append(ends, len(data))  # the file's last line, without a newline
+    offsets = np.concatenate([[0], ends]).astype(np.int64)
+    array = pa.LargeStringArray.from_buffers(len(ends), pa.py_buffer(offsets), pa.py_buffer(data))
+    try:
+        array.validate(full=True)  # UTF-8
+    except pa.ArrowInvalid:
+        read_range(lines)  # raises naming the file and line
+        raise
+    return pc.utf8_rtrim(array, "\r\n")  # the line ends; no line holds a "\n" inside
+
+
 def _utf8(lines: pa.Array) -> list[bytes]:
-    return [line.encode("utf-8") for line in lines.to_pylist()]
+    return lines.cast(pa.large_binary()).to_pylist()
 
 
 def _take(items: list[bytes], mask: np.ndarray) -> list[bytes]:

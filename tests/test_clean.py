@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from seq2seq.config import Params, ParamsError, parse_params
+from seq2seq.parallel import line_ranges, read_range
 from seq2seq.textio import TextFormatError
-from stages.clean import HashSet, clean, normalize
+from stages.clean import HashSet, arrow_lines, clean, normalize
 from tests.pipeline_fixtures import committed_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,3 +328,18 @@ def test_cli_cleans_from_the_working_directory(tmp_path: Path) -> None:
     assert "kept 1 of 2" in result.stdout
     assert read(tmp_path / "data" / "clean" / "train.en") == ["a b"]
     assert json.loads((tmp_path / "metrics" / "clean.json").read_text())["dropped"]["duplicate"] == 1
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"a b\nc", b"one\r\ntwo\r\r\n\n", "é\u200b\n\u00a0x\n".encode()])
+def test_arrow_lines_are_the_lines_read_range_reads(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "train.en"
+    path.write_bytes(data)
+    for r in line_ranges(path, 2):
+        assert arrow_lines(r).to_pylist() == read_range(r)
+
+
+def test_arrow_lines_name_the_file_and_line_of_invalid_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "train.fr"
+    path.write_bytes(b"un\ndeux\ntr\xffois\n")
+    with pytest.raises(TextFormatError, match=re.escape(f"{path}:3: not valid UTF-8")):
+        arrow_lines(line_ranges(path, 10)[0])
