@@ -263,11 +263,7 @@ class ChunkCleaner:
             hashes = pair_hashes(src_lines, tgt_lines)
             first = first_occurrences(hashes)
             dropped["duplicate"] = int((~first).sum())
-            src_lines, tgt_lines = (
-                list(itertools.compress(src_lines, first)),
-                list(itertools.compress(tgt_lines, first)),
-            )
-            hashes = hashes[first]
+            src_lines, tgt_lines, hashes = _take(src_lines, first), _take(tgt_lines, first), hashes[first]
         wrong = None if self.identifier is None else self._wrong_language(src_lines, tgt_lines)
         return CleanedChunk(len(alive), dropped, Lines.of(src_lines), Lines.of(tgt_lines), hashes, wrong)
 
@@ -352,6 +348,9 @@ class TrainFilter:
 
 # --- the stage ---------------------------------------------------------------------------------
 
+Part = tuple[str, str]  # (split, dataset): ("train", "europarl_v7"), ("dev", "newstest2013"), ...
+Plan = dict[Part, list[tuple[LineRange, LineRange]]]  # each part's chunks, in the order they are written
+
 
 def clean(
     params: Params,
@@ -360,67 +359,72 @@ def clean(
     metrics_path: Path = paths.METRICS / "clean.json",
 ) -> dict:
     """Clean train, normalise dev/test, write outputs atomically (all or none) and return the metrics."""
-    raw_dir, out_dir, metrics_path = Path(raw_dir), Path(out_dir), Path(metrics_path)
-    data, cfg = params.data, params.clean
-    langs = data.langs
-
-    def raw(name: str) -> tuple[Path, Path]:
-        return raw_dir / f"{name}.{langs[0]}", raw_dir / f"{name}.{langs[1]}"
-
-    # Fail on what can be checked up front before any output directory or temp file is created.
-    missing = [str(p) for name in [*data.train, data.dev, *data.test] for p in raw(name) if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"missing raw input(s) (run the download stage first): {', '.join(missing)}")
-    if cfg.langid:
-        language_identifier(*langs)  # a missing package is reported here, not from inside a worker
-    # (split, dataset) -> its chunks; cutting the files into chunks also checks every pair of them is aligned.
-    parts = [("train", name) for name in data.train] + [("dev", data.dev)] + [("test", name) for name in data.test]
-    plan = {part: aligned_ranges(*raw(part[1]), cfg.chunk_lines) for part in parts}
-    tasks = [ChunkTask(s, t, split == "train") for (split, _), ranges in plan.items() for s, t in ranges]
-    total = sum(s.lines for s, _ in itertools.chain.from_iterable(plan.values()))
-
+    plan = plan_chunks(params, Path(raw_dir))
     # Every output is an atomic writer held open until all inputs are processed: an exception
     # anywhere (undecodable input) unwinds them all and leaves only the old files.
     with contextlib.ExitStack() as stack:
+        report = clean_chunks(params, plan, open_outputs(stack, params, Path(out_dir)))
+        # Still inside the stack, so a failure here aborts the data files too; they are renamed right after.
+        write_json(Path(metrics_path), report)
+    return report
 
-        def open_pair(stem: Path) -> tuple[IO[bytes], IO[bytes]]:
-            src_f = stack.enter_context(atomic_write(stem.with_name(f"{stem.name}.{langs[0]}"), "wb"))
-            tgt_f = stack.enter_context(atomic_write(stem.with_name(f"{stem.name}.{langs[1]}"), "wb"))
-            return src_f, tgt_f
 
-        outputs = {("train", name): open_pair(out_dir / "train") for name in data.train[:1]}
-        for name in data.train[1:]:
-            outputs[("train", name)] = outputs[("train", data.train[0])]
-        outputs[("dev", data.dev)] = open_pair(out_dir / "dev")
-        for name in data.test:
-            outputs[("test", name)] = open_pair(out_dir / "test" / name)
-        part_of = [part for part, ranges in plan.items() for _ in ranges]
-        pairs = dict.fromkeys(parts, 0)
-        kept = 0
-        train_filter = TrainFilter()
+def plan_chunks(params: Params, raw_dir: Path) -> Plan:
+    """Every part's chunks of clean.chunk_lines pairs; fails before any output exists if an input is missing or
+    two sides are not aligned (cutting them into chunks counts their lines)."""
+    langs = params.data.langs
+    parts = [("train", name) for name in params.data.train] + [("dev", params.data.dev)]
+    parts += [("test", name) for name in params.data.test]
+    raw = {part: tuple(raw_dir / f"{part[1]}.{lang}" for lang in langs) for part in parts}
+    missing = [str(p) for files in raw.values() for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing raw input(s) (run the download stage first): {', '.join(missing)}")
+    if params.clean.langid:
+        language_identifier(*langs)  # a missing package is reported here, not from inside a worker
+    return {part: aligned_ranges(*raw[part], params.clean.chunk_lines) for part in parts}
 
-        progress = stack.enter_context(Progress("clean", total, unit="pairs"))
-        results = ordered_map(_clean_chunk, tasks, cfg.processes, _start_worker, (params,))
+
+def open_outputs(stack: contextlib.ExitStack, params: Params, out_dir: Path) -> dict[Part, tuple[IO[bytes], ...]]:
+    """Atomic writers for each part's two sides, held by `stack`; the train datasets share one pair of files."""
+    langs = params.data.langs
+
+    def open_pair(stem: Path) -> tuple[IO[bytes], ...]:
+        return tuple(stack.enter_context(atomic_write(stem.with_name(f"{stem.name}.{lang}"), "wb")) for lang in langs)
+
+    train = open_pair(out_dir / "train")
+    outputs = {("train", name): train for name in params.data.train}
+    outputs[("dev", params.data.dev)] = open_pair(out_dir / "dev")
+    for name in params.data.test:
+        outputs[("test", name)] = open_pair(out_dir / "test" / name)
+    return outputs
+
+
+def clean_chunks(params: Params, plan: Plan, outputs: dict[Part, tuple[IO[bytes], ...]]) -> dict:
+    """Clean every chunk in the worker processes, write what is kept in order, and return the metrics."""
+    tasks = [ChunkTask(s, t, part[0] == "train") for part, ranges in plan.items() for s, t in ranges]
+    part_of = [part for part, ranges in plan.items() for _ in ranges]
+    pairs = dict.fromkeys(plan, 0)
+    kept = 0
+    train_filter = TrainFilter()
+    results = ordered_map(_clean_chunk, tasks, params.clean.processes, _start_worker, (params,))
+    with Progress("clean", sum(task.src.lines for task in tasks), unit="pairs") as progress:
         for part, chunk in zip(part_of, results, strict=True):
-            src_f, tgt_f = outputs[part]
             keep = train_filter.keep_mask(chunk) if part[0] == "train" else np.ones(chunk.pairs, dtype=bool)
+            src_f, tgt_f = outputs[part]
             src_f.write(chunk.src.select(keep))
             tgt_f.write(chunk.tgt.select(keep))
             pairs[part] += chunk.pairs
             kept += int(keep.sum()) if part[0] == "train" else 0
             progress.advance(chunk.pairs)
-
-        report = {
-            "input_pairs": sum(pairs[("train", name)] for name in data.train),
-            "kept_pairs": kept,
-            "dropped": train_filter.dropped,
-            "train_datasets": {name: pairs[("train", name)] for name in data.train},
-            "dev_lines": {data.dev: pairs[("dev", data.dev)]},
-            "test_lines": {name: pairs[("test", name)] for name in data.test},
-        }
-        # Still inside the stack, so a failure here aborts the data files too; they are renamed right after.
-        write_json(metrics_path, report)
-    return report
+    data = params.data
+    return {
+        "input_pairs": sum(pairs[("train", name)] for name in data.train),
+        "kept_pairs": kept,
+        "dropped": train_filter.dropped,
+        "train_datasets": {name: pairs[("train", name)] for name in data.train},
+        "dev_lines": {data.dev: pairs[("dev", data.dev)]},
+        "test_lines": {name: pairs[("test", name)] for name in data.test},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
