@@ -15,10 +15,12 @@ processes.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import itertools
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,16 +79,12 @@ def train_model(train_text: list[Path], model_path: Path, p: TokenizeParams) -> 
     else:
         inputs, what = train_text, "every sentence"
     threads = worker_count(p.num_threads)
-    status = f"training on {what}, {threads} threads"
     try:
         with (
             Progress("sentencepiece", total=None) as progress,
-            concurrent.futures.ThreadPoolExecutor(1) as pool,
+            _ticking(progress, f"training on {what}, {threads} threads"),
         ):
-            # SentencePiece releases the GIL while it trains (and says nothing until done): this thread keeps the
-            # progress going.
-            training = pool.submit(
-                train_sentencepiece,
+            train_sentencepiece(
                 inputs,
                 model_path,
                 vocab_size=p.vocab_size,
@@ -95,14 +93,27 @@ def train_model(train_text: list[Path], model_path: Path, p: TokenizeParams) -> 
                 input_sentence_size=0,
                 num_threads=threads,
             )
-            while True:
-                try:
-                    training.result(timeout=1.0)
-                    break
-                except concurrent.futures.TimeoutError:
-                    progress.update(0, status)
     finally:
         sample.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _ticking(progress: Progress, status: str) -> Iterator[None]:
+    """Update `progress` every second from a thread while the body runs: SentencePiece says nothing until it is
+    done, but it releases the GIL while it trains."""
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(1.0):
+            progress.update(0, status)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 # --- encoding, in worker processes -------------------------------------------------------------------
