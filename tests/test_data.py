@@ -86,7 +86,8 @@ def test_collate_adds_bos_eos_and_pads(tmp_path) -> None:
     assert t_out.tolist() == [[8, EOS_ID, PAD_ID, PAD_ID], [9, 10, 11, EOS_ID]]
     assert s.dtype == t_in.dtype == t_out.dtype == torch.int64
     s, t_in, _ = collate(src, tgt, np.array([2, 1]))  # any order, an empty sentence
-    assert s.tolist() == [[EOS_ID, PAD_ID], [7, EOS_ID]] and t_in.tolist() == [[BOS_ID, 12, PAD_ID, PAD_ID], [BOS_ID, 9, 10, 11]]
+    assert s.tolist() == [[EOS_ID, PAD_ID], [7, EOS_ID]]
+    assert t_in.tolist() == [[BOS_ID, 12, PAD_ID, PAD_ID], [BOS_ID, 9, 10, 11]]
 
 
 def reference_pad_batch(seqs: list[np.ndarray], prefix: int | None = None, suffix: int | None = None) -> np.ndarray:

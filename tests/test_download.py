@@ -134,7 +134,8 @@ class Site:
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.if_ranges: list[tuple[str, str | None]] = []  # (path, If-Range header)
         # path -> faults for its next requests, one per request: "500", "corrupt", "cut:N", "ignore-range",
-        # "cut+change:N" (cut, then the file changes upstream: it becomes replacements[path])
+        # "cut+change:N" (cut, then the file changes upstream: it becomes replacements[path]), "no-validators"
+        # (cut at CUT, in a response without ETag or Last-Modified)
         self.faults: dict[str, list[str]] = {}
         self.replacements: dict[str, bytes] = {}
 
@@ -186,11 +187,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", etag)
-        self.send_header("Last-Modified", last_modified)
+        if fault != "no-validators":
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", last_modified)
         self.end_headers()
-        if fault.startswith(("cut:", "cut+change:")):
-            body = body[: int(fault.split(":")[1])]  # then HTTP/1.0 closes the connection: a short body
+        if fault.startswith(("cut:", "cut+change:")) or fault == "no-validators":
+            body = body[: int(fault.split(":")[1]) if ":" in fault else CUT]  # HTTP/1.0 then closes: a short body
         self.wfile.write(body)
         if fault.startswith("cut+change:"):
             file.write_bytes(site.replacements[path])
@@ -448,6 +450,14 @@ def test_a_file_changed_upstream_mid_download_is_fetched_whole_not_spliced(site:
     assert first is None and resumed == '"' + hashlib.sha256(old).hexdigest()[:16] + '"'
     assert (tmp_path / "dl/training-parallel-nc-v9.tgz").read_bytes() == new
     assert lines(tmp_path / "raw/news_commentary_v9.en") == ["A newer release.", "Its lines differ.", "Three of them."]
+
+
+def test_a_partial_file_without_etag_or_last_modified_is_not_resumed(site: Site, tmp_path: Path) -> None:
+    """Without a validator for If-Range nothing tells whether the file changed since: start over instead."""
+    site.faults[NC_TGZ] = ["no-validators"]
+    download(wmt(site), tmp_path / "raw", tmp_path / "dl")
+    assert site.ranges(NC_TGZ) == [None, None]
+    assert checksum(tmp_path / "dl/training-parallel-nc-v9.tgz") == checksum(site.root / NC_TGZ)
 
 
 def test_without_a_published_checksum_the_first_download_is_recorded_and_reuse_checked(
