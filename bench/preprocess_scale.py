@@ -249,7 +249,7 @@ def measure(n: int, root: Path) -> SizeResult:
         runs = {stage: run_stage(stage, work, n) for stage in STAGES}
     meta = json.loads((work / "data/tokenized/meta.json").read_text())
     kept = json.loads((work / "metrics/clean.json").read_text())["kept_pairs"]
-    langs = (params.data.src_lang, params.data.tgt_lang)
+    langs = params.data.langs
     limit = encode_limit(work / "data/tokenized/spm.model", work / "data/clean", langs)
     sentences = min(params.tokenize.input_sentence_size or 2 * kept, 2 * kept)
     disk = {name: _du(work / "data" / name) for name in ("downloads", "raw", "clean", "tokenized")}
@@ -306,7 +306,7 @@ def two_process_speedup(n: int, root: Path, repeats: int = 3) -> dict[str, dict[
 
     work, probe = root / str(n), root / f"{n}-speedup"
     params = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
-    langs = (params.data.src_lang, params.data.tgt_lang)
+    langs = params.data.langs
     tokenized = work / "data/tokenized"
     dtype = np.dtype(json.loads((tokenized / "meta.json").read_text())["dtype"])
     texts = {work / f"data/clean/train.{lang}": probe / f"train.{lang}" for lang in langs}
@@ -410,7 +410,7 @@ def demo_step_ms(tokenized: Path, langs: tuple[str, str], vocab_size: int) -> tu
 
 def data_share(tokenized: Path, params: Params, build: dict[str, float]) -> dict[str, float]:
     """Share of a step spent getting the next batch on the CPU: (token_batches per batch + collate) / step."""
-    langs = (params.data.src_lang, params.data.tgt_lang)
+    langs = params.data.langs
     vocab = json.loads((tokenized / "meta.json").read_text())["vocab_size"]
     base_ms, base_tokens = collate_ms(tokenized, langs, params.train.max_tokens)
     h100_ms = 1000 * base_tokens / H100_BASE_TARGET_TOKENS_PER_S
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     largest = results[-1]
     params = parse_params(yaml.safe_load((root / str(largest.pairs) / "params.yaml").read_text()))
     tokenized = root / str(largest.pairs) / "data/tokenized"
-    langs = (params.data.src_lang, params.data.tgt_lang)
+    langs = params.data.langs
     build = batch_building(tokenized, langs, params.train.max_tokens)
     print(
         f"batches: one {EPOCH_PAIRS:,}-pair epoch at max_tokens {params.train.max_tokens} in {build['seconds']:.2f} s "

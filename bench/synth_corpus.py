@@ -257,7 +257,7 @@ def write_corpus(
     out_dir = Path(out_dir)
     staging = out_dir / ".members"
     shutil.rmtree(staging, ignore_errors=True)
-    langs = (params.data.src_lang, params.data.tgt_lang)
+    langs = params.data.langs
     members: dict[str, dict[str, Path]] = {}  # archive name -> member name -> staged file
 
     def stage(dataset: str) -> dict[str, Path]:

@@ -16,7 +16,7 @@
   tracking       MLflow set-up and ResilientRun
   promote, preset, ctranslate2_export    commands: python -m seq2seq.<name>
 
-cli, paths, device and progress are plumbing shared by the stages (stages/), not part of the API.
+cli, paths, device, parallel and progress are plumbing shared by the stages (stages/), not part of the API.
 Nothing is imported here, so `import seq2seq.config` stays cheap for stages that need no torch.
 """
 
