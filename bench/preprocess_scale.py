@@ -380,8 +380,8 @@ def demo_step_ms(tokenized: Path, langs: tuple[str, str], vocab_size: int) -> tu
     """A training step (forward, label-smoothed loss, backward, clip, AdamW) of the demo-size model on this CPU
     on a batch of the demo's train.max_tokens; median of three after one warm-up. Returns (ms, max_tokens)."""
     import torch
-    import torch.nn.functional as F
 
+    from seq2seq import cpu
     from seq2seq.models import build_model
     from seq2seq.preset import preset_applied
     from seq2seq.tokenizer import PAD_ID
@@ -389,7 +389,7 @@ def demo_step_ms(tokenized: Path, langs: tuple[str, str], vocab_size: int) -> tu
     text, _ = preset_applied(REPO / "presets/demo.yaml", REPO / "params.yaml")
     demo = parse_params(yaml.safe_load(text))
     torch.manual_seed(0)
-    model = build_model(demo.model, vocab_size)
+    model = cpu.accelerate(build_model(demo.model, vocab_size))  # as the train stage builds it
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dtype = np.dtype(json.loads((tokenized / "meta.json").read_text())["dtype"])
     src, tgt = (TokenArray(tokenized / f"train.{lang}", dtype) for lang in langs)
@@ -398,8 +398,7 @@ def demo_step_ms(tokenized: Path, langs: tuple[str, str], vocab_size: int) -> tu
     times = []
     for _ in range(4):
         start = time.perf_counter()
-        logits = model(s, t_in)
-        loss = F.cross_entropy(logits.flatten(0, 1), t_out.flatten(), ignore_index=PAD_ID, label_smoothing=0.1)
+        loss = model(s, t_in, t_out, 0.1) / (t_out != PAD_ID).sum()  # summed label-smoothed loss, per token
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
