@@ -84,6 +84,10 @@ class DownloadParams(Strict):
     datasets: dict[str, dict[str, DatasetSource]]
     # file name (last URL component) -> known size/sha256
     checksums: dict[str, Checksum]
+    # Extraction bounds: a small gzip member can expand to gigabytes, or to one endless line. WMT'14's
+    # largest member (giga-fren, ~4 GiB per side) and longest line (~60 KB, in the UN corpus) fit well inside.
+    max_member_bytes: int = Field(default=16 << 30, ge=1)  # decompressed bytes of one file or archive member
+    max_line_bytes: int = Field(default=1 << 20, ge=1)  # bytes of one line (one segment of a .sgm file)
 
     def effective_mirror(self) -> str | None:
         return os.environ.get(MIRROR_ENV) or self.mirror or None
