@@ -1,6 +1,7 @@
 """The `evaluate-champion` flow: re-score the registered `champion` on the test sets, on a schedule.
 
-It loads `models:/<name>@champion` as the pyfunc model users load, translates each configured test set
+It loads `models:/<name>@champion` with the files users load (seq2seq.registry: weights checked against
+the version's `weights_sha256` tag, no code run from the artifact store), translates each configured test set
 from this worker's clone (pulled from the DVC remote when missing), scores it as the evaluate stage does
 (seq2seq.score.score_corpus), and logs the numbers to a new MLflow run tagged with the version, so drift
 in the scorer, the references or the environment shows up between retrains.
@@ -28,15 +29,16 @@ def pull_missing(workdir: Path, paths: list[Path], remote: str | None) -> None:
 def score_champion(
     workdir: Path, model_uri: str, test_sets: dict[str, tuple[Path, Path]], chrf_word_order: int
 ) -> dict[str, dict]:
-    import mlflow.pyfunc
-
+    from seq2seq.registry import load_registered
     from seq2seq.score import score_corpus
     from seq2seq.textio import read_lines
+    from seq2seq.translate import translate_texts
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    t = load_registered(model_uri)  # refuses weights whose digest differs from the registry tag
     results = {}
     for name, (src, ref) in test_sets.items():
-        hypotheses = list(model.predict(list(read_lines(src))))
+        nbest = translate_texts(t.model, t.tokenizer, list(read_lines(src)), t.decoding, t.device)
+        hypotheses = [n[0].text for n in nbest]
         results[name] = score_corpus(hypotheses, [list(read_lines(ref))], chrf_word_order, bootstrap_samples=0)
         log().info("%s on %s: BLEU %.2f chrF %.2f", model_uri, name, results[name]["bleu"], results[name]["chrf"])
     return results

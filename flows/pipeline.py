@@ -37,6 +37,7 @@ from flows.workspace import (
     stale_stages,
     workspace_lock,
     write_params,
+    write_stage_outputs,
 )
 
 HOUR = 3600
@@ -117,13 +118,10 @@ def dispatch_train(deployment: str, parameters: dict[str, Any], timeout_s: float
 
 @task(name="dvc pull model", retries=2, retry_delay_seconds=30, timeout_seconds=6 * HOUR)
 def receive_model(workdir: Path, result: dict[str, Any], remote: str | None) -> None:
-    """Record the worker's train entry in dvc.lock, write its uncached outputs, pull the model."""
-    for path, text in result["files"].items():
-        target = workdir / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w", encoding="utf-8", newline="") as f:  # byte for byte: DVC hashes these
-            f.write(text)
-    merge_lock_entries(workdir, result["lock"])
+    """Record the worker's train entry in dvc.lock, write its uncached outputs, pull the model. The result
+    names the files: only the train stage's declared uncached outs are written, and only its lock entry merged."""
+    write_stage_outputs(workdir, "train", result["files"])
+    merge_lock_entries(workdir, {"train": result["lock"]["train"]})
     dvc(workdir, "pull", "--force", *remote_args(remote), "train")
 
 

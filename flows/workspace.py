@@ -26,6 +26,7 @@ import yaml
 
 from seq2seq.config import Params, load_params
 from seq2seq.preset import apply_preset
+from seq2seq.redact import redact
 
 STAGES = ("download", "clean", "tokenize", "train", "evaluate", "export")
 WORKDIR_ENV = "NMT_WORKDIR"
@@ -72,10 +73,11 @@ def tool_env() -> dict[str, str]:
 
 
 def run_command(cmd: list[str], cwd: Path, quiet: bool = False) -> str:
-    """Run `cmd`, streaming its output to the run log; raise CommandError with the output's tail on failure."""
+    """Run `cmd`, streaming its output to the run log; raise CommandError with the output's tail on failure.
+    Credentials in URLs (a git remote with a token, an S3 or MLflow URI) are masked in what is logged."""
     logger = log()
     if not quiet:
-        logger.info("$ %s", " ".join(cmd))
+        logger.info("$ %s", redact(" ".join(cmd)))
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=60)
     with subprocess.Popen(
@@ -87,10 +89,10 @@ def run_command(cmd: list[str], cwd: Path, quiet: bool = False) -> str:
             lines.append(line)
             tail.append(line)
             if not quiet and line.strip():
-                logger.info("%s", line)
+                logger.info("%s", redact(line))
     if proc.returncode != 0:
-        output = "\n".join(tail)
-        raise CommandError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n{output}")
+        output = redact("\n".join(tail))
+        raise CommandError(f"`{redact(' '.join(cmd))}` failed in {cwd} (exit {proc.returncode}):\n{output}")
     return "\n".join(lines)
 
 
@@ -211,6 +213,29 @@ def uncached_outs(workdir: Path, stage: str) -> list[str]:
                 if (opts or {}).get("cache") is False:
                     paths.append(path)
     return paths
+
+
+def write_stage_outputs(workdir: Path, stage: str, files: dict[str, str]) -> None:
+    """Write `files` (path -> text), the uncached outputs of `stage` built on another machine, into `workdir`.
+
+    They come from a worker's result, so they are checked before anything is written: each path must be one
+    that dvc.yaml declares as an uncached out of `stage` and must resolve inside the workspace (no `..`, no
+    absolute path, no symlink leading out). Anything else fails naming the path.
+    """
+    allowed, root = set(uncached_outs(workdir, stage)), workdir.resolve()
+    targets = {}
+    for path, text in files.items():
+        target = (workdir / path).resolve()
+        if path not in allowed or not target.is_relative_to(root) or not isinstance(text, str):
+            raise WorkspaceError(
+                f"{workdir}: refusing to write {path!r} from the {stage} result: only the uncached outs that "
+                f"dvc.yaml declares for {stage} ({', '.join(sorted(allowed))}) may be written, inside the workspace"
+            )
+        targets[target] = text
+    for target, text in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w", encoding="utf-8", newline="") as f:  # byte for byte: DVC hashes these
+            f.write(text)
 
 
 def out_hashes(entry: dict[str, Any]) -> dict[str, str]:

@@ -2,6 +2,12 @@
 # Keep this worker's own clone in $NMT_WORKDIR (flows run there: see flows/deploy.py), point its DVC
 # remote `minio` at the object store, then run the command (a Prefect worker, or the MLflow server).
 set -eu
+mkdir -p "$HOME"
+# The Prefect API's auth string comes from a secret file, never from the compose file or an image layer.
+if [ -n "${PREFECT_API_AUTH_STRING_FILE:-}" ] && [ -s "$PREFECT_API_AUTH_STRING_FILE" ]; then
+    PREFECT_API_AUTH_STRING="$(cat "$PREFECT_API_AUTH_STRING_FILE")"
+    export PREFECT_API_AUTH_STRING
+fi
 if [ -n "${NMT_GIT_URL:-}" ]; then
     if [ -s /run/secrets/git-credentials ]; then
         git config --global credential.helper "store --file=/run/secrets/git-credentials"

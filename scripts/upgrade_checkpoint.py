@@ -1,4 +1,4 @@
-"""Convert a checkpoint written by an earlier version of this code (format 1) to the current format (2).
+"""Convert a checkpoint written by an earlier version of this code to the current format (2, with a digest).
 
     python scripts/upgrade_checkpoint.py models/model.pt                 # in place
     python scripts/upgrade_checkpoint.py old/model.pt --out models/model.pt
@@ -8,7 +8,9 @@ prefixed `rnn_`; format 2 keeps the family's own section (params.yaml's model.<f
 beside it. The weights change names in two places: Transformers written before the fused attention
 projections hold q_proj, k_proj and v_proj apart (concatenated here into qkv_proj / kv_proj), and the RNN
 families' out_proj and generator moved into their `output` layer. Everything else in the file is kept.
-Only model weights are converted: resumable training checkpoints of an earlier version are not resumed
+A format 2 checkpoint written before checkpoints carried a digest of their tensors gets one (`tensors_sha256`,
+see seq2seq/checkpoint.py): check that it loads and translates as expected first, as its bytes are then
+vouched for. Only model weights are converted: resumable training checkpoints of an earlier version are not resumed
 (their run key differs), so a training run started again begins afresh.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from seq2seq.checkpoint import FORMAT, CheckpointError, model_from_checkpoint
+from seq2seq.checkpoint import DIGEST_KEY, FORMAT, CheckpointError, model_from_checkpoint, tensors_digest
 from seq2seq.textio import atomic_write
 
 RNN_FIELDS = {
@@ -73,16 +75,19 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint of format 1")
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint of format 1, or of format 2 without a digest")
     parser.add_argument("--out", type=Path, help="where to write the converted checkpoint (default: in place)")
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint
     try:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != 1:
-            raise CheckpointError(f"{args.checkpoint}: not a checkpoint of format 1; nothing to convert")
-        upgraded = upgrade(state)
+        if not isinstance(state, dict) or state.get("format") not in (1, FORMAT):
+            raise CheckpointError(f"{args.checkpoint}: not a checkpoint of format 1 or {FORMAT}; nothing to convert")
+        if state["format"] == FORMAT and DIGEST_KEY in state:
+            raise CheckpointError(f"{args.checkpoint}: already of format {FORMAT} with a digest; nothing to convert")
+        upgraded = upgrade(state) if state["format"] == 1 else dict(state)
         model_from_checkpoint(upgraded, args.checkpoint)  # the converted file must load: refuse to write it otherwise
+        upgraded[DIGEST_KEY] = tensors_digest(upgraded)
     except (OSError, RuntimeError, KeyError) as err:  # CheckpointError is a RuntimeError
         sys.exit(f"upgrade_checkpoint: error: {err}")
     with atomic_write(out, "wb") as f:

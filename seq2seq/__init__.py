@@ -8,11 +8,14 @@
   transformer, rnn, attention_rnn    the model families, as in their papers
   cpu            accelerate(model): the CPU fast paths, applied to a built model; quantize_int8 for decoding
   loss           output_loss: the output projection fused with label-smoothed cross-entropy, in chunks
-  checkpoint     save_checkpoint, load_model; CheckpointError
+  checkpoint     save_checkpoint, load_model (tensor digest checked), check_tokenizer; CheckpointError
   beam, decoding beam_search, greedy_decode, translate_nbest
   translate      translate_texts and the nmt-translate command
   score          score_corpus (sacrebleu BLEU, chrF, TER with signatures) and its command
-  serving        Translator: the MLflow pyfunc model
+  serving        Translator: the MLflow pyfunc model; load_translator (weights digest checked), request bounds
+  translator_model   the exported model's "models from code" file (set_model(Translator()))
+  registry       load_registered: a models:/ URI loaded as data, its weights checked against the registry tag
+  redact         redact: credentials in URLs masked for logs and MLflow params
   tracking       MLflow set-up and ResilientRun
   promote, preset, ctranslate2_export    commands: python -m seq2seq.<name>
 
@@ -33,6 +36,8 @@ __all__ = [
     "models",
     "preset",
     "promote",
+    "redact",
+    "registry",
     "rnn",
     "score",
     "serving",
@@ -41,4 +46,5 @@ __all__ = [
     "tracking",
     "transformer",
     "translate",
+    "translator_model",
 ]

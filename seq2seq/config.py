@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 LANG_RE = re.compile(r"^[a-z]{2,3}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 MIRROR_ENV = "NMT_MIRROR"
+MAX_DECODING_ROWS = 4096  # batch_size x beam_size: see DecodingParams
 
 
 class Strict(BaseModel):
@@ -86,6 +87,10 @@ class DownloadParams(Strict):
     datasets: dict[str, dict[str, DatasetSource]]
     # file name (last URL component) -> known size/sha256
     checksums: dict[str, Checksum]
+    # Extraction bounds: a small gzip member can expand to gigabytes, or to one endless line. WMT'14's
+    # largest member (giga-fren, ~4 GiB per side) and longest line (~60 KB, in the UN corpus) fit well inside.
+    max_member_bytes: int = Field(default=16 << 30, ge=1)  # decompressed bytes of one file or archive member
+    max_line_bytes: int = Field(default=1 << 20, ge=1)  # bytes of one line (one segment of a .sgm file)
 
     def effective_mirror(self) -> str | None:
         return os.environ.get(MIRROR_ENV) or self.mirror or None
@@ -221,21 +226,31 @@ class TrainParams(Strict):
 
 
 class DecodingParams(Strict):
-    """How to translate: beam search and batching (evaluate, the exported model, the translate CLI)."""
+    """How to translate: beam search and batching (evaluate, the exported model, the translate CLI).
 
-    batch_size: int = Field(ge=1)  # most sentences per batch
-    max_tokens: int = Field(ge=1)  # most source tokens per batch, padding included (before beam expansion)
-    beam_size: int = Field(ge=1)  # 1 = greedy
-    length_penalty: float  # GNMT alpha: hypotheses ranked by log P / ((5 + len) / 6) ** alpha
-    nbest: int = Field(ge=1)  # hypotheses kept per sentence (evaluate scores the first)
-    max_len_a: float = Field(ge=0)  # max output length = a * src_len + b
-    max_len_b: int = Field(ge=1)
+    Every field has an upper bound: serving requests may set them, and a request must not be able to ask
+    for unbounded work or memory. Each decoding step holds [batch_size x beam_size, vocabulary] scores, so
+    the two are bounded together: 4096 rows x a 32k vocabulary x 4 bytes is 512 MiB.
+    """
+
+    batch_size: int = Field(ge=1, le=1024)  # most sentences per batch
+    max_tokens: int = Field(ge=1, le=65536)  # most source tokens per batch, padding included (before beam expansion)
+    beam_size: int = Field(ge=1, le=16)  # 1 = greedy
+    length_penalty: float = Field(ge=0.0, le=5.0)  # GNMT alpha: hypotheses ranked by log P / ((5 + len) / 6) ** alpha
+    nbest: int = Field(ge=1)  # hypotheses kept per sentence (evaluate scores the first); at most beam_size
+    max_len_a: float = Field(ge=0, le=10)  # max output length = a * src_len + b (and never above max_positions)
+    max_len_b: int = Field(ge=1, le=1024)
     quantize: Literal["none", "int8"]  # int8: int8 weights on the CPU (seq2seq/cpu.py), ~1.5x faster beam search
 
     @model_validator(mode="after")
     def _nbest_fits_beam(self) -> DecodingParams:
         if self.nbest > self.beam_size:
             raise ValueError(f"nbest ({self.nbest}) must be <= beam_size ({self.beam_size})")
+        if self.batch_size * self.beam_size > MAX_DECODING_ROWS:
+            raise ValueError(
+                f"batch_size x beam_size = {self.batch_size * self.beam_size} rows decoded at once; "
+                f"at most {MAX_DECODING_ROWS}"
+            )
         return self
 
 
@@ -327,6 +342,13 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run from the repository root)") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: a directory, not a params file") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ParamsError(f"{path}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return parse_params(raw, path)

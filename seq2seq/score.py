@@ -27,6 +27,8 @@ def score_corpus(
     `signature` is BLEU's: the key promotion compares. With bootstrap_samples > 1, `bleu_ci` is the half
     width of BLEU's 95% confidence interval (sacrebleu's bootstrap resampling, fixed seed).
     """
+    if not hypotheses:
+        raise ValueError("no hypotheses to score (the hypothesis file is empty)")
     for i, refs in enumerate(references):
         if len(refs) != len(hypotheses):
             raise ValueError(f"{len(hypotheses)} hypotheses vs {len(refs)} lines in reference {i + 1}")

@@ -1,48 +1,129 @@
-"""The MLflow pyfunc model: strings in, translations out (weights + SentencePiece + decoding config)."""
+"""The MLflow pyfunc model: strings in, translations out (weights + SentencePiece + decoding config).
+
+The model is logged as MLflow "models from code" (seq2seq/translator_model.py): the model directory holds
+this code as source and the weights, SentencePiece model and decoding options as data files; there is no
+pickled Python object to unpickle. The weights file's sha256, recorded at export in the model's
+configuration (and as the registry tag `weights_sha256`, see seq2seq/registry.py), is checked before any
+weight is read, and the SentencePiece model must be the one the weights were trained with.
+
+Requests are bounded: at most MAX_SENTENCES strings of MAX_CHARS characters each, and decoding options
+within DecodingParams' bounds (beam_size <= 16, ...). Anything else is refused as an invalid parameter,
+which `mlflow models serve` answers with HTTP 400.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+import pydantic
 import torch
+
+from seq2seq.checkpoint import CheckpointError
+from seq2seq.config import DecodingParams, key_errors
+
+WEIGHTS_SHA256 = "weights_sha256"  # the model config key (and registry tag) holding the weights file's digest
+ARTIFACTS = ("checkpoint", "tokenizer", "decoding")  # the files the model bundles, by artifact name
+MAX_SENTENCES = 1000  # strings in one request
+MAX_CHARS = 5000  # characters in one string; longer sources are cut to the model's positions anyway
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_weights(path: Path, expected: str, recorded_in: str) -> None:
+    """Refuse weights whose sha256 differs from the one recorded at export, naming both digests."""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: weights sha256 {actual} differs from {expected} recorded {recorded_in}; "
+            "refusing to load them (the file was replaced or corrupted after export)"
+        )
+
+
+@dataclass(frozen=True)
+class LoadedTranslator:
+    """A model ready to translate: weights on `device`, its tokenizer and its default decoding options."""
+
+    model: torch.nn.Module
+    tokenizer: Any  # seq2seq.tokenizer.Tokenizer
+    decoding: DecodingParams
+    device: torch.device
+
+
+def load_translator(files: dict[str, Path], weights_sha256: str, recorded_in: str) -> LoadedTranslator:
+    """Load the bundled files (`ARTIFACTS` -> path) after checking the weights against `weights_sha256`."""
+    from seq2seq import cpu
+    from seq2seq.checkpoint import check_tokenizer, load_model
+    from seq2seq.tokenizer import Tokenizer
+
+    verify_weights(files["checkpoint"], weights_sha256, recorded_in)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, state = load_model(files["checkpoint"], device)
+    tokenizer = Tokenizer(files["tokenizer"])
+    check_tokenizer(state, files["checkpoint"], tokenizer)
+    # exports from before `quantize` existed decode in fp32
+    stored = json.loads(Path(files["decoding"]).read_text(encoding="utf-8"))
+    decoding = DecodingParams.model_validate({"quantize": "none", **stored})
+    # int8 or not is fixed at load: requests cannot change it
+    return LoadedTranslator(cpu.for_decoding(model, decoding.quantize), tokenizer, decoding, device)
+
+
+def parse_request(
+    model_input: Any, params: dict[str, Any] | None, defaults: DecodingParams
+) -> tuple[list[str], DecodingParams]:
+    """The texts and decoding options of one request; a ValueError says what is out of bounds."""
+    if isinstance(model_input, pd.DataFrame):
+        texts = model_input.iloc[:, 0].tolist()
+    elif isinstance(model_input, str):
+        texts = [model_input]
+    else:
+        texts = list(model_input)
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("input must be a list of strings")
+    if len(texts) > MAX_SENTENCES:
+        raise ValueError(f"{len(texts)} sentences in one request; at most {MAX_SENTENCES}")
+    too_long = next((i for i, t in enumerate(texts) if len(t) > MAX_CHARS), None)
+    if too_long is not None:
+        raise ValueError(f"sentence {too_long}: {len(texts[too_long])} characters; at most {MAX_CHARS}")
+    # serving answers with the best translation only
+    try:
+        opts = DecodingParams.model_validate({**defaults.model_dump(), **(params or {}), "nbest": 1})
+    except pydantic.ValidationError as err:
+        raise ValueError("; ".join(key_errors(err, "params."))) from None
+    if opts.quantize != defaults.quantize:
+        raise ValueError(f"quantize is {defaults.quantize!r} for this model: it is fixed when the model loads")
+    return texts, opts
 
 
 class Translator(mlflow.pyfunc.PythonModel):
-    """Loads the checkpoint and tokenizer bundled as artifacts; `predict` translates a list of sentences."""
+    """Loads the bundled files (checked against the model config's digest); `predict` translates strings."""
 
     def load_context(self, context: Any) -> None:
-        from seq2seq import cpu
-        from seq2seq.checkpoint import load_model
-        from seq2seq.tokenizer import Tokenizer
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        # exports from before `quantize` existed decode in fp32
-        self.decoding = {"quantize": "none", **json.loads(Path(context.artifacts["decoding"]).read_text())}
-        model = load_model(Path(context.artifacts["checkpoint"]), self.device)[0]
-        self.model = cpu.for_decoding(model, self.decoding["quantize"])  # fixed at load: requests cannot change it
-        self.tokenizer = Tokenizer(context.artifacts["tokenizer"])
+        files = {name: Path(context.artifacts[name]) for name in ARTIFACTS}
+        recorded_in = "in the model's MLmodel file (model_config)"
+        self.translator = load_translator(files, context.model_config[WEIGHTS_SHA256], recorded_in)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         """Translations of a list of strings (or a one-column DataFrame); `params` override decoding options."""
-        from seq2seq.config import DecodingParams
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
         from seq2seq.translate import translate_texts
 
-        if isinstance(model_input, pd.DataFrame):
-            texts = model_input.iloc[:, 0].tolist()
-        elif isinstance(model_input, str):
-            texts = [model_input]
-        else:
-            texts = list(model_input)
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("input must be a list of strings")
-        # serving answers with the best translation only
-        opts = DecodingParams.model_validate({**self.decoding, **(params or {}), "nbest": 1})
-        if opts.quantize != self.decoding["quantize"]:
-            raise ValueError(
-                f"quantize is {self.decoding['quantize']!r} for this model: it is fixed when the model loads"
-            )
-        return [n[0].text for n in translate_texts(self.model, self.tokenizer, texts, opts, self.device)]
+        t = self.translator
+        try:
+            texts, opts = parse_request(model_input, params, t.decoding)
+        except ValueError as err:  # the scoring server answers an invalid parameter with HTTP 400
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        return [n[0].text for n in translate_texts(t.model, t.tokenizer, texts, opts, t.device)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,13 +64,21 @@ class Tokenizer:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"{self.model_path}: SentencePiece model not found (run the tokenize stage)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        except (RuntimeError, OSError) as err:
+            raise ValueError(f"{self.model_path}: not a SentencePiece model ({err})") from None
         if (self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()) != (PAD_ID, BOS_ID, EOS_ID):
             raise ValueError(f"{self.model_path}: special ids differ from pad={PAD_ID} bos={BOS_ID} eos={EOS_ID}")
 
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Digest of the model file: a checkpoint records the one it was trained with."""
+        return hashlib.sha256(self.model_path.read_bytes()).hexdigest()
 
     def encode(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         return self.sp.encode(list(texts), out_type=int, num_threads=num_threads)

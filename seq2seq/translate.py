@@ -98,27 +98,29 @@ def load_translator(
     model_ref: str, spm: Path | None, params_path: Path, quantize: str | None = None
 ) -> tuple[Any, Any, DecodingParams]:
     """(model, tokenizer, decoding defaults) from an MLflow model URI or a checkpoint path; `quantize` ("int8"
-    or "none") overrides the model's or params.yaml's choice."""
+    or "none") overrides the model's or params.yaml's choice. A registered model's weights are checked
+    against the digest recorded at export (seq2seq.registry), a checkpoint's tokenizer against the checkpoint."""
     from seq2seq import cpu
 
     if ":/" in model_ref:  # models:/name@alias, models:/name/3, runs:/id/translator
-        import mlflow.pyfunc
+        from seq2seq.registry import load_registered
 
-        wrapper = mlflow.pyfunc.load_model(model_ref).unwrap_python_model()
-        defaults = DecodingParams.model_validate(wrapper.decoding)
-        model = wrapper.model
+        loaded = load_registered(model_ref)
+        defaults, model = loaded.decoding, loaded.model
         if quantize is not None and quantize != defaults.quantize:
             if defaults.quantize == "int8":
                 raise ValueError(f"{model_ref} decodes with int8 weights; its fp32 weights are not loaded")
             model = cpu.for_decoding(model, quantize)
-        return model, wrapper.tokenizer, defaults.model_copy(update={"quantize": quantize or defaults.quantize})
-    from seq2seq.checkpoint import load_model
+        return model, loaded.tokenizer, defaults.model_copy(update={"quantize": quantize or defaults.quantize})
+    from seq2seq.checkpoint import check_tokenizer, load_model
     from seq2seq.tokenizer import Tokenizer
 
     defaults = load_params(params_path).evaluate.decoding()
     defaults = defaults.model_copy(update={"quantize": quantize or defaults.quantize})
-    model = cpu.for_decoding(load_model(Path(model_ref), "cpu")[0], defaults.quantize)
-    return model, Tokenizer(spm or paths.SPM_MODEL), defaults
+    model, state = load_model(Path(model_ref), "cpu")
+    tokenizer = Tokenizer(spm or paths.SPM_MODEL)
+    check_tokenizer(state, Path(model_ref), tokenizer)
+    return cpu.for_decoding(model, defaults.quantize), tokenizer, defaults
 
 
 def main(argv: Sequence[str] | None = None) -> None:

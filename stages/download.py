@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import html
 import io
+import itertools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import requests
 from seq2seq import cli, paths
 from seq2seq.config import MIRROR_ENV, Checksum, DatasetSource, DownloadParams, Params, ParamsError, load_params
 from seq2seq.progress import Progress
+from seq2seq.redact import redact
 from seq2seq.textio import TextFormatError, atomic_write, write_json
 
 log = logging.getLogger("download")
@@ -77,7 +79,7 @@ def download(params: Params, out_dir: Path = paths.RAW, cache_dir: Path = paths.
             }
             try:
                 parts = fetcher.locate(params.source_for(name), langs)
-                _extract(parts, sinks)
+                _extract(parts, sinks, _Limits.of(params.download))
             except DownloadError as err:
                 raise type(err)(f"dataset {name!r} ({params.data.pair}): {err}") from None
             _check_aligned(name, out_dir, parts, sinks)
@@ -147,8 +149,10 @@ class _Fetcher:
             else:
                 self.mirror_dir = Path(mirror)
             if not self.mirror_dir.is_dir():
-                raise DownloadError(f"mirror {mirror!r} (from {where}) is neither an http(s) URL nor a directory")
-        log.info("using the mirror %s (from %s); nothing is fetched upstream", mirror, where)
+                raise DownloadError(
+                    f"mirror {redact(mirror)!r} (from {where}) is neither an http(s) URL nor a directory"
+                )
+        log.info("using the mirror %s (from %s); nothing is fetched upstream", redact(mirror), where)
 
     def locate(self, source: DatasetSource, langs: tuple[str, str]) -> dict[str, _Part]:
         """Local paths of both sides of one dataset, downloading (or finding in the mirror) as needed."""
@@ -512,20 +516,32 @@ class _Sink:
         return entry
 
 
-def _extract(parts: dict[str, _Part], sinks: dict[str, _Sink]) -> None:
+@dataclass(frozen=True)
+class _Limits:
+    """Upper bounds on what extraction reads (download.max_member_bytes, download.max_line_bytes)."""
+
+    member_bytes: int
+    line_bytes: int
+
+    @classmethod
+    def of(cls, p: DownloadParams) -> _Limits:
+        return cls(p.max_member_bytes, p.max_line_bytes)
+
+
+def _extract(parts: dict[str, _Part], sinks: dict[str, _Sink], limits: _Limits) -> None:
     """Write each side's lines to its sink, reading each archive once for all the members it holds."""
     members: dict[Path, dict[str, str]] = {}
     for lang, part in parts.items():
         if part.member is None:
             with _reading(part.path) as f:
-                sinks[lang].write_lines(_lines(f, part.path.name, part.label))
+                sinks[lang].write_lines(_lines(f, part.path.name, part.label, limits))
         else:
             members.setdefault(part.path, {})[posixpath.normpath(part.member)] = lang
     for archive, wanted in members.items():
-        _extract_members(archive, wanted, sinks)
+        _extract_members(archive, wanted, sinks, limits)
 
 
-def _extract_members(archive: Path, wanted: dict[str, str], sinks: dict[str, _Sink]) -> None:
+def _extract_members(archive: Path, wanted: dict[str, str], sinks: dict[str, _Sink], limits: _Limits) -> None:
     """Stream once through `archive` (no seeking: it may be gigabytes of gzip), writing each wanted member."""
     remaining = dict(wanted)
     seen: list[str] = []
@@ -541,7 +557,7 @@ def _extract_members(archive: Path, wanted: dict[str, str], sinks: dict[str, _Si
                     continue
                 member = tar.extractfile(info)
                 assert member is not None  # a regular file always has a data stream
-                sinks[lang].write_lines(_lines(member, name, f"{archive}:{name}"))
+                sinks[lang].write_lines(_lines(member, name, f"{archive}:{name}", limits))
                 if not remaining:
                     break
     except tarfile.TarError as err:
@@ -581,24 +597,44 @@ def _reading(path: Path) -> Iterator[IO[bytes]]:
         yield io.BufferedReader(_Counted(raw, progress), HASH_CHUNK_BYTES)  # type: ignore[arg-type]
 
 
-def _lines(stream: IO[bytes], name: str, label: str) -> Iterator[bytes]:
+def _lines(stream: IO[bytes], name: str, label: str, limits: _Limits) -> Iterator[bytes]:
     """Lines of a plain, .gz or .sgm file (decided by `name`) as UTF-8 bytes without their newline."""
     try:
         if name.endswith(".gz"):
             stream = gzip.GzipFile(fileobj=stream, mode="rb")
             name = name.removesuffix(".gz")
         if name.endswith(".sgm"):
-            yield from _sgml_segments(stream, label)
+            yield from _sgml_segments(stream, label, limits)
         else:
-            yield from _checked_lines(stream, label)
+            yield from _checked_lines(stream, label, limits)
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise DownloadError(f"{label}: corrupt compressed data ({err})") from None
 
 
-def _checked_lines(stream: IO[bytes], label: str) -> Iterator[bytes]:
+def _bounded_lines(stream: IO[bytes], label: str, limits: _Limits) -> Iterator[bytes]:
+    """The raw lines of `stream`, refusing a line or a whole stream (decompressed) beyond `limits`: neither
+    is ever held in memory beyond its bound."""
+    total = 0
+    for lineno in itertools.count(1):
+        raw = stream.readline(limits.line_bytes + 1)
+        if not raw:
+            return
+        total += len(raw)
+        if len(raw.removesuffix(b"\n").removesuffix(b"\r")) > limits.line_bytes:
+            raise TextFormatError(
+                f"{label}:{lineno}: a line longer than {limits.line_bytes} bytes (download.max_line_bytes)"
+            )
+        if total > limits.member_bytes:
+            raise DownloadError(
+                f"{label}: more than {limits.member_bytes} bytes decompressed (download.max_member_bytes)"
+            )
+        yield raw
+
+
+def _checked_lines(stream: IO[bytes], label: str, limits: _Limits) -> Iterator[bytes]:
     """Lines as bytes without "\\n" or "\\r\\n", after checking each is strict UTF-8 (errors name label:line)."""
     # Not textio.read_lines: that reads a path, and these bytes come from inside archives and gzip streams.
-    for lineno, raw in enumerate(stream, start=1):
+    for lineno, raw in enumerate(_bounded_lines(stream, label, limits), start=1):
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -606,19 +642,34 @@ def _checked_lines(stream: IO[bytes], label: str) -> Iterator[bytes]:
         yield raw.removesuffix(b"\n").removesuffix(b"\r")
 
 
-_SEG = re.compile(r"<seg\b[^>]*>(.*?)</seg\s*>", re.DOTALL | re.IGNORECASE)
 _LINE_BREAK = re.compile(r"[\r\n]+")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
-def _sgml_segments(stream: IO[bytes], label: str) -> Iterator[bytes]:
-    """The text of each <seg> of a WMT SGML file, in order, with XML entities unescaped."""
-    text = "\n".join(line.decode("utf-8") for line in _checked_lines(stream, label))
-    segments = _SEG.findall(text)
-    if not segments:
-        raise TextFormatError(f"{label}: no <seg> elements; is it really a WMT .sgm file?")
-    for seg in segments:
+def _sgml_segments(stream: IO[bytes], label: str, limits: _Limits) -> Iterator[bytes]:
+    """The text of each <seg> of a WMT SGML file, in order, with XML entities unescaped.
+
+    One pass over the text with `str.find` (never a backtracking regex: an unclosed <seg> made that quadratic);
+    an unclosed <seg> is an error naming its line.
+    """
+    text = "\n".join(line.decode("utf-8") for line in _checked_lines(stream, label, limits))
+    lower = text.translate(_ASCII_LOWER)  # tags in any case, at the same offsets as in `text`
+    found, at = False, 0
+    while (start := lower.find("<seg", at)) >= 0:
+        after = lower[start + 4 : start + 5]
+        if after and not (after == ">" or after.isspace()):  # <segment ...>, not a <seg>
+            at = start + 4
+            continue
+        open_end = lower.find(">", start)
+        close = lower.find("</seg", open_end) if open_end >= 0 else -1
+        close_end = lower.find(">", close) if close >= 0 else -1
+        if close_end < 0:
+            raise TextFormatError(f"{label}:{text.count(chr(10), 0, start) + 1}: a <seg> that is never closed")
+        found, at = True, close_end + 1
         # one segment must stay one line, whatever an entity like &#10; decodes to
-        yield _LINE_BREAK.sub(" ", html.unescape(seg)).strip().encode("utf-8")
+        yield _LINE_BREAK.sub(" ", html.unescape(text[open_end + 1 : close])).strip().encode("utf-8")
+    if not found:
+        raise TextFormatError(f"{label}: no <seg> elements; is it really a WMT .sgm file?")
 
 
 # --- Entry point -----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from seq2seq import cli, cpu, paths
-from seq2seq.checkpoint import CheckpointError, load_model
+from seq2seq.checkpoint import CheckpointError, check_tokenizer, load_model
 from seq2seq.config import Params, ParamsError, load_params
 from seq2seq.device import pick_device
 from seq2seq.progress import Progress
@@ -69,8 +69,10 @@ def evaluate(
     device = pick_device(params.train.device)
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
-    model = cpu.for_decoding(load_model(model_path, device)[0], params.evaluate.quantize)
+    model, state = load_model(model_path, device)
+    model = cpu.for_decoding(model, params.evaluate.quantize)
     tokenizer = Tokenizer(tokenizer_path)
+    check_tokenizer(state, model_path, tokenizer)
     p = params.evaluate
     results: dict[str, dict] = {}
     by_length: dict[str, list[dict]] = {}
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.stage_parser("evaluate", __doc__).parse_args(argv)
     try:
         results = evaluate(load_params(args.params))
-    except (ParamsError, FileNotFoundError, TextFormatError, CheckpointError) as err:
+    except (ParamsError, FileNotFoundError, TextFormatError, CheckpointError, ValueError) as err:
         cli.fail("evaluate", err)
     print(f"evaluate: {json.dumps({k: v['bleu'] for k, v in results.items()})}")
 

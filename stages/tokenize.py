@@ -171,6 +171,9 @@ def tokenize(params: Params, clean_dir: Path = paths.CLEAN, out_dir: Path = path
         for text in by_lang.values():
             if not text.is_file():
                 raise FileNotFoundError(f"{text}: cleaned text not found (run the clean stage)")
+    empty = [str(text) for text in texts["train"].values() if text.stat().st_size == 0]
+    if empty:  # SentencePiece would fail with a C++ error about its input
+        raise TextFormatError(f"{', '.join(empty)}: empty training text; nothing to train SentencePiece on")
     # Build into a sibling temp dir and swap at the end: a failure leaves the previous outputs intact.
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)

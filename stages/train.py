@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +48,10 @@ from seq2seq.decoding import translate_ids
 from seq2seq.device import pick_device
 from seq2seq.models import build_model
 from seq2seq.progress import Progress
+from seq2seq.redact import redact
 from seq2seq.textio import atomic_write, write_json
 from seq2seq.tokenizer import PAD_ID, Tokenizer
-from seq2seq.tracking import ResilientRun, dvc_out_hash, git_commit, mlflow, setup_mlflow, write_run_file
+from seq2seq.tracking import ResilientRun, dvc_out_hash, git_commit, write_run_file
 
 # Train params that do not change which steps are taken or what they compute: changing them keeps the run key,
 # so the next run resumes (e.g. a larger max_minutes, another thread count, or a GPU instead of the CPU).
@@ -228,14 +228,14 @@ def setup_processes(p: TrainParams) -> Processes:
 
 @dataclass(frozen=True)
 class TrainData:
-    """The token arrays training reads, and the tokenizer for the dev BLEU (None when it is not computed)."""
+    """The token arrays training reads, and the tokenizer they were encoded with (for the dev BLEU)."""
 
     src: TokenArray
     tgt: TokenArray
     usable: np.ndarray  # indices of the training pairs short enough to train on
     dev: tuple[TokenArray, TokenArray]
     vocab_size: int
-    tokenizer: Tokenizer | None
+    tokenizer: Tokenizer
 
     @property
     def skipped(self) -> int:
@@ -252,7 +252,12 @@ def load_data(params: Params, data_dir: Path, procs: Processes) -> TrainData:
     vocab_size = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
     src, tgt = load_split(data_dir, "train", params.data.langs)
     dev = load_split(data_dir, "dev", params.data.langs)
-    tokenizer = Tokenizer(data_dir / "spm.model") if p.eval_bleu_sentences else None
+    tokenizer = Tokenizer(data_dir / "spm.model")
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(
+            f"{data_dir / 'meta.json'} gives a vocabulary of {vocab_size} ids but {tokenizer.model_path} has "
+            f"{tokenizer.vocab_size}: they come from different tokenize runs"
+        )
     # Pairs longer than train.max_len (or the model's max_positions) are skipped and counted, never silently.
     max_len = min(p.max_len, params.model.config.max_positions - 1)
     usable = np.flatnonzero((src.lengths <= max_len) & (tgt.lengths <= max_len))
@@ -315,33 +320,35 @@ def wrap_model(model: nn.Module, p: TrainParams, procs: Processes) -> nn.Module:
 
 
 def start_tracking(
-    params: Params, run_id: str | None, n_params: int, key: str, data_dir: Path, procs: Processes
-) -> tuple[ResilientRun, str]:
-    """Rank 0's MLflow run and experiment id: the run `run_id` that a resumed run started, if MLflow still has
-    it; otherwise a new run, with the validated params and tags for what else shapes the result."""
-    experiment_id = setup_mlflow(params.mlflow)
-    run = None
-    if run_id is not None:
-        try:
-            run = mlflow.start_run(run_id=run_id)
-        except mlflow.exceptions.MlflowException as err:
-            print(f"WARNING: cannot continue MLflow run {run_id} ({err}); starting a new one", file=sys.stderr)
-    continued = run is not None
-    if run is None:
-        run = mlflow.start_run(run_name=f"{params.model.family}-{params.data.pair}")
-        mlflow.log_params(flatten(params.model_dump(exclude={"download"}), ""))
-        mlflow.set_tags(
-            {
-                "git_commit": git_commit() or "unknown",
-                "torch": torch.__version__,
-                "device": f"{procs.device} x{procs.world}",
-                "python": platform.python_version(),
-                "n_parameters": str(n_params),
-                "run_key": key,
-                "dvc_data_tokenized_md5": dvc_out_hash(str(data_dir)) or "unknown",
-            }
-        )
-    return ResilientRun(run.info.run_id, continued=continued), experiment_id
+    params: Params, state: TrainState, n_params: int, key: str, ckpt_dir: Path, data_dir: Path, procs: Processes
+) -> ResilientRun:
+    """Rank 0's MLflow run: the one a resumed run started (its id in the checkpoint, or beside the journal),
+    otherwise a new one with the validated params and tags for what else shapes the result. Nothing here
+    waits for MLflow: the run is created or continued in the background, whenever the server answers."""
+    logged = {k: redact(str(v)) for k, v in flatten(params.model_dump(exclude={"download"}), "").items()}
+    tags = {
+        "git_commit": git_commit() or "unknown",
+        "torch": torch.__version__,
+        "device": f"{procs.device} x{procs.world}",
+        "python": platform.python_version(),
+        "n_parameters": str(n_params),
+        "run_key": key,
+        "dvc_data_tokenized_md5": dvc_out_hash(str(data_dir)) or "unknown",
+    }
+    return ResilientRun(
+        ckpt_dir / "metrics.jsonl",
+        through_step=state.step,
+        tracking_uri=params.mlflow.tracking_uri,
+        experiment=params.mlflow.experiment,
+        run_id=state.mlflow_run_id,
+        run_name=f"{params.model.family}-{params.data.pair}",
+        params=logged,
+        tags=tags,
+    )
+
+
+class TrackingError(RuntimeError):
+    """The run trained, but MLflow never answered, so later stages have no run to log to."""
 
 
 # ---- logging, validation, checkpoints ------------------------------------------------------------------
@@ -551,13 +558,12 @@ def train(
     ckpt_dir = Path(p.checkpoint_dir) / key
     state = resume(ckpt_dir, key_dict, raw_model, optimizer, scaler, p, procs)
     model = wrap_model(raw_model, p, procs)
-    tracker, experiment_id, losses, progress = None, "", None, None
+    tracker, losses, progress = None, None, None
     if procs.master:
-        tracker, experiment_id = start_tracking(params, state.mlflow_run_id, n_params, key, data_dir, procs)
-        state.mlflow_run_id = tracker.run_id
+        tracker = start_tracking(params, state, n_params, key, ckpt_dir, data_dir, procs)
         print(
             f"train: {family} with {n_params / 1e6:.2f}M parameters on {device} x{procs.world}; "
-            f"checkpoints in {ckpt_dir}; MLflow run {tracker.run_id}",
+            f"checkpoints in {ckpt_dir}; MLflow {redact(params.mlflow.tracking_uri)}",
             flush=True,
         )
         losses = LossLog(ckpt_dir / "losses.tsv", through_step=state.step)
@@ -625,6 +631,8 @@ def train(
         stop = rank_0_decides(stop, procs)
         if state.step % p.save_every == 0 or stop:
             state.trained_seconds = time.perf_counter() - clock
+            if procs.master:
+                state.mlflow_run_id = tracker.run_id  # None while MLflow has not answered yet
             save_checkpoint(state, ckpt_dir, raw_model, optimizer, scaler, params, key_dict, procs, losses)
 
     # ---- cleanup, and rank 0's final model, metrics and plots --------------------------------------------
@@ -634,7 +642,9 @@ def train(
         return None
     losses.close()
     final_model(raw_model, p, ckpt_dir)
-    checkpoint.save_checkpoint(out_dir / "model.pt", raw_model, family, state.step)
+    checkpoint.save_checkpoint(
+        out_dir / "model.pt", raw_model, family, state.step, tokenizer_sha256=data.tokenizer.sha256
+    )
     if p.final_model != "last" or not last_scores:
         last_scores = validate(raw_model, params, data, device)
     history = losses.history(p.log_every)
@@ -644,9 +654,15 @@ def train(
         if path.exists():
             tracker.log_artifact(path, "checkpoints")
     tracker.end()
+    if tracker.run_id is None:
+        raise TrackingError(
+            f"MLflow at {redact(params.mlflow.tracking_uri)} did not answer during the whole run: the model and the "
+            f"metrics journal are saved in {ckpt_dir}; run the stage again when MLflow is back (it resumes at "
+            f"step {state.step}, creates the run, logs it and finishes)"
+        )
     write_json(metrics_path, metrics)
     write_loss_plot(plot_path, history)
-    write_run_file(tracker.run_id, experiment_id, params.mlflow.tracking_uri, out_dir / "train_run.json")
+    write_run_file(tracker.run_id, tracker.experiment_id, params.mlflow.tracking_uri, out_dir / "train_run.json")
     return metrics
 
 
@@ -714,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.stage_parser("train", __doc__).parse_args(argv)
     try:
         metrics = train(load_params(args.params))
-    except (ParamsError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, CheckpointError, FileNotFoundError, ValueError, TrackingError) as err:
         cli.fail("train", err)
     if metrics is not None:
         print(f"train: {json.dumps(metrics)}")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +27,7 @@ import yaml
 
 from seq2seq.config import MIRROR_ENV, Params, parse_params
 from seq2seq.textio import TextFormatError
-from stages.download import DownloadError, NotFoundError, download
+from stages.download import DownloadError, NotFoundError, _Limits, _sgml_segments, download
 from tests.pipeline_fixtures import committed_params, committed_params_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,6 +343,42 @@ def test_invalid_utf8_names_file_and_line(site: Site, tmp_path: Path) -> None:
     with pytest.raises(TextFormatError, match=r"bad\.tgz:data/bad\.fr:2: not valid UTF-8"):
         download(single(site, "bad", datasets={"bad": bad}), tmp_path / "raw", tmp_path / "dl")
     assert files_in(tmp_path / "raw") == []
+
+
+def test_a_gzip_member_expanding_to_one_huge_line_is_refused_naming_it(site: Site, tmp_path: Path) -> None:
+    """65 KB of gzip that expands to 64 MiB without a newline: refused after reading download.max_line_bytes."""
+    bomb = gzip.compress(b"a" * (64 << 20), compresslevel=9)
+    assert len(bomb) < 100_000
+    _tar(site.root / "extra/bomb.tgz", {"data/bomb.en.gz": bomb, "data/bomb.fr": b"un\n"})
+    files = {"en": "data/bomb.en.gz", "fr": "data/bomb.fr"}
+    bad = {"en-fr": {"archive": site.url("extra/bomb.tgz"), "files": files}}
+    with pytest.raises(TextFormatError, match=r"bomb\.tgz:data/bomb\.en\.gz:1: a line longer than 1048576 bytes"):
+        download(single(site, "bomb", datasets={"bomb": bad}), tmp_path / "raw", tmp_path / "dl")
+    assert files_in(tmp_path / "raw") == []
+
+
+def test_a_member_larger_than_the_limit_is_refused_naming_it_and_the_key(site: Site, tmp_path: Path) -> None:
+    _tar(site.root / "extra/big.tgz", {"data/big.en": b"one\ntwo\nthree\n", "data/big.fr": b"un\ndeux\ntrois\n"})
+    big = {"en-fr": {"archive": site.url("extra/big.tgz"), "files": {"en": "data/big.en", "fr": "data/big.fr"}}}
+    params = single(site, "big", datasets={"big": big}, max_member_bytes=10)
+    with pytest.raises(DownloadError, match=r"big\.tgz:data/big\.en: more than 10 bytes .*download\.max_member_bytes"):
+        download(params, tmp_path / "raw", tmp_path / "dl")
+    assert files_in(tmp_path / "raw") == []
+
+
+def test_sgml_is_read_in_linear_time_and_an_unclosed_seg_names_its_line() -> None:
+    """4,000 unclosed <seg> took 7 s with the former regex (quadratic); 50,000 must take well under one."""
+    limits = _Limits(1 << 30, 1 << 20)
+    text = '<doc>\n<seg id="1">closed</seg>\n' + '<seg id="2">open\n' * 50_000 + "</doc>\n"
+    start = time.perf_counter()
+    with pytest.raises(TextFormatError, match=r"x\.sgm:3: a <seg> that is never closed"):
+        list(_sgml_segments(io.BytesIO(text.encode()), "x.sgm", limits))
+    assert time.perf_counter() - start < 1.0
+    mixed = '<SEG id="1">Caf\u00e9 &amp; th\u00e9</Seg >\n<segment>no</segment>\n<seg>two\nlines</seg>\n'
+    assert list(_sgml_segments(io.BytesIO(mixed.encode()), "y.sgm", limits)) == [
+        "Caf\u00e9 & th\u00e9".encode(),
+        b"two lines",
+    ]
 
 
 # --- HTTP: resume, retries, checksums, cache ---------------------------------------------------------------

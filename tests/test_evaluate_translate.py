@@ -122,3 +122,31 @@ def test_score_command_prints_every_metric_with_signatures(tmp_path: Path, capsy
     (tmp_path / "short").write_text("one line\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="2 hypotheses vs 1 lines"):
         score.main(["--hyp", str(tmp_path / "hyp"), "--ref", str(tmp_path / "short")])
+
+
+def test_a_tokenizer_from_another_run_is_refused_naming_both_files(checkpoint, capsys, monkeypatch, tmp_path) -> None:
+    """A SentencePiece model with another vocabulary would fail deep in decoding (IndexError); one of the same
+    size but another file is caught by the digest the checkpoint records."""
+    from seq2seq.tokenizer import train_sentencepiece
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"{e}\n{f}\n" for e, f in toy_pairs(300, seed=5)), encoding="utf-8")
+    train_sentencepiece([text], tmp_path / "other.model", 40, "unigram", 1.0, 0, 1)
+    args = [*checkpoint]
+    args[args.index("--spm") + 1] = str(tmp_path / "other.model")
+    with pytest.raises(SystemExit) as exc:
+        run_cli(args, b"a dog .\n", capsys, monkeypatch)
+    message = str(exc.value.code)
+    assert "model.pt" in message and "other.model" in message and "different tokenize runs" in message
+    assert capsys.readouterr().out == ""
+
+
+def test_a_checkpoint_names_the_tokenizer_it_was_trained_with(checkpoint, tmp_path: Path) -> None:
+    from seq2seq.checkpoint import CheckpointError, check_tokenizer, load_checkpoint
+    from seq2seq.tokenizer import Tokenizer
+
+    model_pt, spm = Path(checkpoint[1]), Path(checkpoint[3])
+    tokenizer, state = Tokenizer(spm), load_checkpoint(model_pt)
+    check_tokenizer({**state, "tokenizer_sha256": tokenizer.sha256}, model_pt, tokenizer)
+    with pytest.raises(CheckpointError, match=r"model\.pt was trained with a SentencePiece model of sha256 0+, not "):
+        check_tokenizer({**state, "tokenizer_sha256": "0" * 64}, model_pt, tokenizer)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +18,17 @@ import pytest
 from flows.deploy import PULL_STEPS, parse_param, specs
 from flows.report import metrics_markdown, run_link
 from flows.train import parse_result_markdown, result_markdown
-from flows.workspace import WorkspaceError, merge_lock_entries, read_lock, uncached_outs, workspace_lock
+from flows.workspace import (
+    CommandError,
+    WorkspaceError,
+    merge_lock_entries,
+    read_lock,
+    run_command,
+    uncached_outs,
+    workspace_lock,
+    write_stage_outputs,
+)
+from seq2seq.redact import redact
 from tests.pipeline_fixtures import REPO, make_workspace, tiny_params, write_toy_corpus
 from tests.prefect_fixtures import prefect_env
 
@@ -84,6 +97,35 @@ def test_lock_entries_from_a_worker_merge_in_stage_order(tmp_path: Path) -> None
 
 def test_train_outputs_dvc_does_not_push_are_known() -> None:
     assert set(uncached_outs(REPO, "train")) >= {"models/train_run.json", "metrics/train.json"}
+
+
+def test_a_worker_result_writes_only_the_declared_uncached_outs_inside_the_workspace(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / "models").mkdir(parents=True)
+    shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
+    (tmp_path / "elsewhere").mkdir()
+    (ws / "metrics").symlink_to(tmp_path / "elsewhere")  # a declared path that leads out of the workspace
+    for path in ["../x", str(tmp_path / "abs"), "models/model.pt", "params.yaml", "metrics/train.json"]:
+        with pytest.raises(WorkspaceError, match=f"refusing to write {re.escape(repr(path))} from the train result"):
+            write_stage_outputs(ws, "train", {"models/train_run.json": "{}", path: "x"})
+    assert not (tmp_path / "x").exists() and not (tmp_path / "abs").exists()
+    assert list((tmp_path / "elsewhere").iterdir()) == [] and not (ws / "models/train_run.json").exists()
+    write_stage_outputs(ws, "train", {"models/train_run.json": '{"run_id": "r"}\n'})
+    assert (ws / "models/train_run.json").read_text() == '{"run_id": "r"}\n'
+
+
+def test_credentials_in_urls_never_reach_the_run_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert (
+        redact("git clone https://bot:ghp_s3cret@github.com/o/r.git") == "git clone https://bot:***@github.com/o/r.git"
+    )
+    assert (
+        redact("s3://AKIA:key@minio:9000/dvc and https://tok3n@host/x")
+        == "s3://AKIA:***@minio:9000/dvc and https://***@host/x"
+    )
+    with caplog.at_level(logging.INFO, logger="flows"), pytest.raises(CommandError) as failed:
+        run_command(["sh", "-c", "echo remote http://trainer:pw123@mlflow:5000; exit 3", "https://u:pw456@h"], tmp_path)
+    assert "trainer:***@mlflow" in caplog.text and "pw123" not in caplog.text and "pw456" not in caplog.text
+    assert "pw123" not in str(failed.value) and "pw456" not in str(failed.value)
 
 
 def test_deployments_run_from_the_workers_own_clone() -> None:

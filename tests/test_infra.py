@@ -1,4 +1,6 @@
-"""infra/ checked as far as this machine allows: YAML/JSON structure, secrets only from env or ignored files.
+"""infra/ checked as far as this machine allows: YAML/JSON structure, secrets only from env or ignored files,
+the lock-down (non-root image, pinned tags, TLS proxy, Prefect auth from a secret, the k8s securityContext),
+and MLflow's accounts for real: a basic-auth server with infra's config, set up by infra/mlflow_users.py.
 
 Docker is not available here; `docker compose config` runs only where the compose plugin is installed.
 """
@@ -10,11 +12,20 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.server.auth.client import AuthServiceClient
 from prefect.utilities.templating import apply_values, find_placeholders
+
+from tests.pipeline_fixtures import tool_env
+from tests.servers import Processes, free_port, mlflow_server_cmd
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 COMPOSE = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
@@ -75,6 +86,67 @@ def test_dockerfile_pins_torch_and_installs_the_s3_remote() -> None:
     assert '".[s3]"' in text and "mlflow[auth]" in text and "worker-entrypoint" in text
 
 
+def test_the_image_runs_as_an_unprivileged_user() -> None:
+    lines = [line.split() for line in (INFRA / "Dockerfile").read_text().splitlines() if line.strip()]
+    users = [words[1] for words in lines if words[0] == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the last USER must not be root"
+    entrypoint = next(i for i, words in enumerate(lines) if words[0] == "ENTRYPOINT")
+    assert max(i for i, words in enumerate(lines) if words[0] == "USER") < entrypoint
+
+
+def image_tags() -> dict[str, str]:
+    images = {name: service["image"] for name, service in SERVICES.items() if "image" in service}
+    images["Dockerfile"] = re.search(r"^FROM (\S+)", (INFRA / "Dockerfile").read_text(), re.M)[1]
+    template = json.loads((INFRA / "k8s/gpu-work-pool.json").read_text())
+    images["k8s"] = template["variables"]["properties"]["image"]["default"]
+    return images
+
+
+def test_every_image_is_pinned_to_a_version() -> None:
+    for where, image in image_tags().items():
+        tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+        assert tag and tag != "latest" and re.search(r"\d", tag), f"{where}: {image} is not pinned to a version"
+        assert not re.fullmatch(r"\d+(-.*)?", tag), f"{where}: {image} names only a major version"
+
+
+def test_only_the_tls_proxy_publishes_ports_and_it_fronts_prefect_mlflow_and_the_object_store() -> None:
+    published = {name for name, service in SERVICES.items() if service.get("ports")}
+    assert published == {"proxy"}
+    caddy = (INFRA / "Caddyfile").read_text()
+    for upstream in ("prefect-server:4200", "mlflow:5000", "minio:9000"):
+        assert f"reverse_proxy {upstream}" in caddy
+    assert caddy.count("import tls_from_secrets") == 3 and "tls /run/secrets/tls.crt /run/secrets/tls.key" in caddy
+    assert {"tls.crt", "tls.key"} <= set(SERVICES["proxy"]["secrets"])
+    assert SERVICES["prefect-server"]["environment"]["PREFECT_UI_API_URL"].startswith("https://")
+
+
+def test_prefect_requires_an_auth_string_read_from_a_secret() -> None:
+    server = SERVICES["prefect-server"]
+    assert "prefect-auth-string" in server["secrets"]
+    assert 'PREFECT_SERVER_API_AUTH_STRING="$$(cat /run/secrets/prefect-auth-string)"' in " ".join(server["command"])
+    for name in ("worker-cpu", "worker-gpu"):
+        assert "prefect-auth-string" in SERVICES[name]["secrets"]
+        assert SERVICES[name]["environment"]["PREFECT_API_AUTH_STRING_FILE"] == "/run/secrets/prefect-auth-string"
+    entrypoint = (INFRA / "worker-entrypoint.sh").read_text()
+    assert 'PREFECT_API_AUTH_STRING="$(cat "$PREFECT_API_AUTH_STRING_FILE")"' in entrypoint
+    assert COMPOSE["secrets"]["prefect-auth-string"]["file"].startswith("./secrets/")
+
+
+def test_workers_hold_only_the_trainer_account_and_a_dvc_bucket_key() -> None:
+    auth = configparser.ConfigParser()
+    auth.read(INFRA / "mlflow-basic-auth.ini")
+    assert auth["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    admin_password = SERVICES["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    for name in ("worker-cpu", "worker-gpu"):
+        env = SERVICES[name]["environment"]
+        assert env["MLFLOW_TRACKING_USERNAME"] == "trainer"
+        assert env["MLFLOW_TRACKING_PASSWORD"] != admin_password
+        assert "MINIO_ROOT" not in json.dumps(env) and "MLFLOW_ADMIN" not in json.dumps(env)
+    policy = json.loads((INFRA / "minio-dvc-policy.json").read_text())
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    assert resources == {"arn:aws:s3:::dvc", "arn:aws:s3:::dvc/*"}
+
+
 def test_kubernetes_gpu_pool_template_requests_gpus() -> None:
     template = json.loads((INFRA / "k8s/gpu-work-pool.json").read_text())
     variables = template["variables"]["properties"]
@@ -88,6 +160,18 @@ def test_kubernetes_gpu_pool_template_requests_gpus() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "nmt-gpu-workspace"
+    # locked down: not root, no privilege escalation, read-only root filesystem, its own service account
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/workspace", "/tmp"}
+    assert job["env"]["HOME"].startswith("/workspace/")
+    assert pod["serviceAccountName"] == "nmt-train" and pod["automountServiceAccountToken"] is False
+    accounts = list(yaml.safe_load_all((INFRA / "k8s/service-accounts.yaml").read_text()))
+    train = next(a for a in accounts if a["kind"] == "ServiceAccount" and a["metadata"]["name"] == "nmt-train")
+    assert train["automountServiceAccountToken"] is False
+    assert not any(b["kind"] == "RoleBinding" and b["subjects"][0]["name"] == "nmt-train" for b in accounts)
 
 
 def compose_available() -> bool:
@@ -106,3 +190,79 @@ def test_docker_compose_config_is_valid(tmp_path: Path) -> None:
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def locked_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server --app-name basic-auth` with infra's auth config (NO_PERMISSIONS), set up by mlflow_users.py."""
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    auth = configparser.ConfigParser()
+    auth.read(INFRA / "mlflow-basic-auth.ini")
+    auth["mlflow"]["database_uri"] = f"sqlite:///{root}/basic_auth.db"
+    with (root / "basic_auth.ini").open("w") as f:
+        auth.write(f)
+    env = {**tool_env(root), "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini")}
+    env.update(MLFLOW_AUTH_ADMIN_USERNAME="admin", MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORDS["admin"])
+    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = "csrf-key-for-the-test"  # the auth app refuses to start without one
+    procs, port = Processes(root / "logs"), free_port()
+    cmd = [*mlflow_server_cmd(str(Path(sys.executable).parent / "mlflow"), root, port), "--app-name", "basic-auth"]
+    try:
+        proc = procs.start("mlflow", cmd, root, env)
+        procs.wait_ready("mlflow", proc, f"http://127.0.0.1:{port}/health")
+        uri = f"http://127.0.0.1:{port}"
+        setup_env = {**tool_env(root), "MLFLOW_TRACKING_URI": uri, **credentials("admin")}
+        setup_env.update(
+            NMT_MLFLOW_TRAINER_PASSWORD=PASSWORDS["trainer"], NMT_MLFLOW_READER_PASSWORD=PASSWORDS["reader"]
+        )
+        users = [sys.executable, str(INFRA / "mlflow_users.py"), "--experiment", "nmt", "--model", "nmt-en-fr"]
+        for _ in range(2):  # running it again changes nothing
+            done = subprocess.run(users, env=setup_env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+        yield uri
+    finally:
+        procs.stop_all()
+
+
+PASSWORDS = {"admin": "admin-password-1", "trainer": "trainer-password-2", "reader": "reader-password-3"}  # >= 12 chars
+
+
+def credentials(user: str) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": PASSWORDS[user]}
+
+
+def refused(call: Callable[[], object]) -> int:
+    """The HTTP status with which MLflow refuses `call` (it must refuse it)."""
+    with pytest.raises(MlflowException) as err:
+        call()
+    return err.value.get_http_status_code()
+
+
+@pytest.mark.integration
+def test_mlflow_accounts_trainer_edits_but_cannot_delete_or_grant_reader_only_reads(
+    locked_mlflow: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = locked_mlflow
+    assert (
+        requests.get(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=nmt", timeout=30).status_code == 401
+    )
+    client, auth = MlflowClient(uri), AuthServiceClient(uri)
+
+    for key, value in credentials("trainer").items():
+        monkeypatch.setenv(key, value)
+    experiment_id = client.get_experiment_by_name("nmt").experiment_id
+    run = client.create_run(experiment_id)  # workers log runs ...
+    client.log_metric(run.info.run_id, "loss", 1.0, step=1)
+    client.set_registered_model_tag("nmt-en-fr", "checked", "yes")  # ... and edit the registered model
+    assert refused(lambda: client.delete_registered_model("nmt-en-fr")) == 403
+    assert refused(lambda: client.delete_experiment(experiment_id)) == 403
+    assert refused(lambda: auth.grant_user_permission("reader", "registered_model", "nmt-en-fr", "MANAGE")) == 403
+    assert refused(lambda: auth.update_user_admin("trainer", True)) == 403
+
+    for key, value in credentials("reader").items():
+        monkeypatch.setenv(key, value)
+    assert client.get_run(run.info.run_id).data.metrics == {"loss": 1.0}
+    assert refused(lambda: client.create_run(experiment_id)) == 403
+    assert refused(lambda: client.set_registered_model_tag("nmt-en-fr", "x", "y")) == 403
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+    assert refused(lambda: client.get_experiment(experiment_id)) == 401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import runpy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -175,9 +176,57 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(model, tmp_path: Path
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"model\.pt"):
         load_model(path)
-    torch.save({"format": 2, "family": family, "config": {"d_model": 3}, "vocab_size": 3, "model": {}}, path)
-    with pytest.raises(CheckpointError, match=r"model\.pt: its config does not fit .*d_model"):
+    torch.save({"format": 2, "family": family, "config": {"d_model": 3}, "vocab_size": 3, "model": {}, "step": 1}, path)
+    with pytest.warns(UserWarning, match="digest"), pytest.raises(CheckpointError, match=r"model\.pt: its config does"):
         load_model(path)
+
+
+def flip_a_byte_inside(path: Path, tensor: torch.Tensor) -> None:
+    """Flip one bit of `tensor`'s bytes where torch.save stored them, leaving the file a valid zip."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.detach().numpy().tobytes()[:64])
+    assert at > 0, "the tensor's bytes are stored as they are in memory"
+    data[at + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_inside_a_tensor_is_refused_naming_the_file(model, tmp_path: Path) -> None:
+    family = next(name for name, (_, cls) in FAMILIES.items() if isinstance(model, cls))
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, family, step=1)
+    largest = max(model.state_dict().values(), key=torch.Tensor.numel)
+    flip_a_byte_inside(path, largest)
+    with pytest.raises(CheckpointError, match=r"model\.pt: corrupt checkpoint: its tensors' sha256 is \w+ but it was"):
+        load_model(path)
+
+
+def test_checkpoints_without_a_digest_load_with_a_warning_and_the_script_adds_one(model, tmp_path: Path) -> None:
+    family = next(name for name, (_, cls) in FAMILIES.items() if isinstance(model, cls))
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, family, step=1)
+    state = torch.load(path, weights_only=True)
+    del state["tensors_sha256"]
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match=r"model\.pt: written before checkpoints carried a digest"):
+        load_model(path)
+    upgrade_checkpoint = runpy.run_path(str(REPO / "scripts/upgrade_checkpoint.py"))
+    upgrade_checkpoint["main"]([str(path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(path)
+
+
+def test_text_and_incomplete_checkpoints_are_one_clear_error(tmp_path: Path) -> None:
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match=r"notes\.pt: corrupt or unreadable checkpoint"):
+        load_model(text)
+    partial = tmp_path / "partial.pt"
+    torch.save({"format": 2, "model": {}, "step": 3}, partial)
+    with pytest.raises(
+        CheckpointError, match=r"partial\.pt: not a model checkpoint: it lacks family, config, vocab_size"
+    ):
+        load_model(partial)
 
 
 def test_each_family_is_built_from_its_own_section(base_params) -> None:

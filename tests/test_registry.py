@@ -16,10 +16,12 @@ import torch
 from mlflow import MlflowClient
 
 from seq2seq import promote as promote_cli
-from seq2seq.checkpoint import save_checkpoint
+from seq2seq.checkpoint import CheckpointError, save_checkpoint
 from seq2seq.config import Params, parse_params
 from seq2seq.promote import PromotionRefused, promote
+from seq2seq.registry import load_registered
 from seq2seq.score import score_corpus
+from seq2seq.serving import WEIGHTS_SHA256, file_sha256
 from seq2seq.tracking import mlflow, write_run_file
 from seq2seq.translate import translate_texts
 from stages.export import export
@@ -34,8 +36,14 @@ PROBE = ["the dog sees a red ball .", "a small cat likes the man ."]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("mlflow")
+def server_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MLflow server's files: its database and, under artifacts/, its artifact store."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="module")
+def server(server_root: Path) -> Iterator[str]:
+    root = server_root
     procs, port = Processes(root / "logs"), free_port()
     try:
         proc = procs.start("mlflow", mlflow_server_cmd(MLFLOW, root, port), root, tool_env(root))
@@ -84,7 +92,7 @@ def registry(server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
         )
         exported.append({**result, "bleu": scores["bleu"]})
     expected = [n[0].text for n in translate_texts(good_model, tokenizer, PROBE, decoding, torch.device("cpu"))]
-    return {"uri": server, "versions": exported, "expected": expected, "root": root}
+    return {"uri": server, "versions": exported, "expected": expected, "root": root, "params": params}
 
 
 def champion(client: MlflowClient) -> str:
@@ -101,6 +109,7 @@ def test_export_registers_tagged_versions_and_the_newest_is_challenger(registry:
     assert tags[f"bleu_signature.{TEST_SET}"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert len(tags["params_sha256"]) == 64 and tags["git_commit"]
     assert tags["decoding.beam_size"] == "5" and f"ter.{TEST_SET}" in tags
+    assert tags[WEIGHTS_SHA256] == file_sha256(registry["root"] / "steps250" / "model.pt")
     assert client.get_model_version_by_alias(NAME, "challenger").version == "2"
 
 
@@ -163,5 +172,71 @@ def test_served_champion_answers_invocations(registry: dict) -> None:
         greedy = requests.post(url, json={"inputs": ["", PROBE[0]], "params": {"beam_size": 1}}, timeout=60)
         assert greedy.status_code == 200, greedy.text
         assert greedy.json()["predictions"][0] == "" and "chien" in greedy.json()["predictions"][1]
+        # requests beyond the bounds of the decoding options or of the input are refused, not attempted
+        too_wide = requests.post(url, json={"inputs": PROBE, "params": {"beam_size": 17}}, timeout=60)
+        assert too_wide.status_code == 400 and "params.beam_size" in too_wide.text, too_wide.text
+        too_many = requests.post(url, json={"inputs": PROBE, "params": {"batch_size": 1024}}, timeout=60)
+        assert too_many.status_code == 400 and "batch_size x beam_size" in too_many.text, too_many.text
+        too_long = requests.post(url, json={"inputs": ["a " * 3000]}, timeout=60)
+        assert too_long.status_code == 400 and "at most 5000" in too_long.text, too_long.text
     finally:
         procs.stop_all()
+
+
+# ---- the tests below change the registry (a third version, a replaced weights file): they come last ----
+
+
+class Killed(BaseException):
+    """Stands for the export process being killed: nothing after it runs."""
+
+
+def test_an_export_killed_before_the_alias_is_completed_by_its_retry_without_a_second_version(
+    registry: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = MlflowClient(registry["uri"])
+    d, spm = registry["root"] / "steps250", registry["root"] / "spm" / "spm.model"
+    with mlflow.start_run() as run:  # a new training run of the same model
+        write_run_file(run.info.run_id, run.info.experiment_id, registry["uri"], d / "retry_run.json")
+    files = {"model_path": d / "model.pt", "tokenizer_path": spm, "eval_path": d / "eval.json"}
+    files.update(run_file=d / "retry_run.json", out_path=d / "retry_export.json", lock_path=d / "dvc.lock")
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    with monkeypatch.context() as m:  # registered, then killed before the alias is set
+        m.setattr(MlflowClient, "set_registered_model_alias", killed)
+        with pytest.raises(Killed):
+            export(registry["params"], **files)
+    [half_done] = client.search_model_versions(f"name = '{NAME}' and run_id = '{run.info.run_id}'")
+    assert half_done.tags[WEIGHTS_SHA256] == file_sha256(d / "model.pt")  # registered with all its tags at once
+    assert not (d / "retry_export.json").exists()
+
+    result = export(registry["params"], **files)  # the flow's retry
+    versions = client.search_model_versions(f"name = '{NAME}' and run_id = '{run.info.run_id}'")
+    assert [v.version for v in versions] == [half_done.version] == [result["version"]]
+    assert client.get_model_version_by_alias(NAME, "challenger").version == result["version"]
+    assert json.loads((d / "retry_export.json").read_text())["version"] == result["version"]
+
+
+def test_weights_replaced_in_the_artifact_store_are_refused_by_every_loader(registry: dict, server_root: Path) -> None:
+    """Someone with write access to the artifact store replaces version 2's weights with another checkpoint:
+    the registry tag written at export no longer matches, and nothing loads them."""
+    version = registry["versions"][1]["version"]
+    exported, other = registry["root"] / "steps30" / "model.pt", registry["root"] / "steps250" / "model.pt"
+    stored = [p for p in (server_root / "artifacts").rglob("*.pt") if p.read_bytes() == exported.read_bytes()]
+    assert stored, "the exported weights are in the artifact store"
+    for path in stored:
+        path.write_bytes(other.read_bytes())
+    recorded, replaced = file_sha256(exported), file_sha256(other)
+    uri = f"models:/{NAME}/{version}"
+
+    with pytest.raises(CheckpointError, match=f"sha256 {replaced} differs from {recorded} recorded in the registry"):
+        load_registered(uri)  # nmt-translate -m models:/... and the evaluate-champion flow load this way
+    with pytest.raises(Exception, match=f"sha256 {replaced} differs from {recorded}"):
+        mlflow.pyfunc.load_model(uri)  # serving: the model's own code checks the digest it was exported with
+
+    env = {**tool_env(registry["root"]), "MLFLOW_TRACKING_URI": registry["uri"]}
+    cmd = [sys.executable, "-m", "seq2seq.translate", "-m", uri]
+    proc = subprocess.run(cmd, input="a dog .\n", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr and recorded in proc.stderr and replaced in proc.stderr, proc.stderr

@@ -221,3 +221,49 @@ def test_training_survives_the_mlflow_server_going_away(tmp_path: Path, tokenize
     assert (ws / "models/model.pt").is_file()
     assert json.loads((ws / "models/train_run.json").read_text())["run_id"]
     assert list(ws.glob("checkpoints/*/step-00000800.pt"))
+
+
+@pytest.mark.integration
+def test_training_starts_while_mlflow_is_down_and_every_step_reaches_it_once_it_is_back(
+    tmp_path: Path, tokenized
+) -> None:
+    """MLflow is down when training starts and comes up mid-run: training does not wait, and the run gets
+    every logged step exactly once, from the journal. (The trainer is paused while the server starts, which
+    takes longer than this whole toy run.)"""
+    port = free_port()
+    steps = {"max_steps": 600, "save_every": 200, "log_every": 10, "eval_every": 200, "eval_bleu_sentences": 0}
+    ws, env = workspace(tmp_path / "ws", tokenized, **steps)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{port}"
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env.update(MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    procs = Processes(tmp_path / "logs")
+    try:
+        trainer = procs.start("train", train_cmd(), ws, env)
+        deadline = time.monotonic() + 120
+        while len(losses(ws)) < 50:  # training runs without MLflow
+            assert trainer.poll() is None, procs.log("train")
+            assert time.monotonic() < deadline, procs.log("train")
+            time.sleep(0.2)
+        os.kill(trainer.pid, signal.SIGSTOP)
+        mlflow_cmd = mlflow_server_cmd(str(Path(sys.executable).parent / "mlflow"), tmp_path, port)
+        server = procs.start("mlflow", mlflow_cmd, tmp_path, env)
+        procs.wait_ready("mlflow", server, f"http://127.0.0.1:{port}/health")
+        os.kill(trainer.pid, signal.SIGCONT)
+        assert trainer.wait(300) == 0, procs.log("train")
+        log = procs.log("train")
+        assert "is not answering" in log and "training goes on" in log
+        assert "Traceback" not in log
+
+        run_id = json.loads((ws / "models/train_run.json").read_text())["run_id"]
+        client = mlflow.MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
+        history = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+        assert history == list(range(10, 601, 10))  # every logged step, none twice
+        assert sorted(m.step for m in client.get_metric_history(run_id, "dev_loss")) == [200, 400, 600]
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "600"
+        assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} >= {"checkpoints/model.pt"}
+        [journal] = ws.glob("checkpoints/*/metrics.jsonl")  # the local record they came from
+        assert [json.loads(line)["step"] for line in journal.read_text().splitlines()].count(600) >= 1
+    finally:
+        procs.stop_all()

@@ -1,0 +1,90 @@
+"""Loading an exported translator from MLflow without running code from the artifact store.
+
+`load_registered("models:/nmt-en-fr@champion")` resolves the version, downloads its files, checks the
+weights file against the version's `weights_sha256` tag (set by the export stage) and against the digest in
+the model's MLmodel file, and loads weights (torch `weights_only`), SentencePiece model and decoding options
+with this project's own code. nmt-translate and the evaluate-champion flow load models this way; only
+`mlflow.pyfunc.load_model` (serving) runs the model's bundled code, which checks the same digest itself.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+from seq2seq.checkpoint import CheckpointError
+from seq2seq.serving import ARTIFACTS, WEIGHTS_SHA256, LoadedTranslator, load_translator
+
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+def resolve(model_uri: str) -> tuple[str, str, dict[str, str]]:
+    """(name, version, tags) of the registry version that `models:/<name>@<alias>` or `models:/<name>/<n>` names."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    match = MODELS_URI.match(model_uri)
+    if match is None:
+        raise CheckpointError(f"{model_uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    client = MlflowClient()
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            version = client.get_model_version(match["name"], match["version"])
+    except MlflowException as err:
+        raise CheckpointError(f"{model_uri}: {err.message}") from None
+    return match["name"], str(version.version), dict(version.tags)
+
+
+def bundled_files(model_dir: Path) -> tuple[dict[str, Path], str | None]:
+    """The files of a downloaded pyfunc translator by artifact name, and the digest in its MLmodel file."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(model_dir / "MLmodel")).flavors.get("python_function", {})
+    artifacts = flavor.get("artifacts") or {}
+    missing = [name for name in ARTIFACTS if name not in artifacts]
+    if missing:
+        raise CheckpointError(f"{model_dir}: not an exported translator (no {', '.join(missing)} in its MLmodel)")
+    files = {name: model_dir / artifacts[name]["path"] for name in ARTIFACTS}
+    return files, (flavor.get("model_config") or {}).get(WEIGHTS_SHA256)
+
+
+def load_registered(model_uri: str) -> LoadedTranslator:
+    """The translator at an MLflow model URI, loaded as data after checking its weights' digest.
+
+    For models:/ URIs the digest must match the registry tag; for others (runs:/, a local directory) the
+    MLmodel's own record. A version without the tag is refused: re-export it.
+    """
+    import mlflow.artifacts
+
+    expected = recorded_in = None
+    if model_uri.startswith("models:/"):
+        name, version, tags = resolve(model_uri)
+        expected = tags.get(WEIGHTS_SHA256)
+        recorded_in = f"in the registry tag {WEIGHTS_SHA256} of {name} version {version}"
+        if expected is None:
+            raise CheckpointError(
+                f"{model_uri}: {name} version {version} has no {WEIGHTS_SHA256} tag (exported before weights "
+                "were checked); refusing to load unverified weights: export the model again"
+            )
+        model_uri = f"models:/{name}/{version}"
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="nmt-model-") as tmp:
+        try:
+            model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        except MlflowException as err:
+            raise CheckpointError(f"{model_uri}: cannot download the model: {err.message}") from None
+        files, in_mlmodel = bundled_files(model_dir)
+        if expected is not None and in_mlmodel not in (None, expected):
+            raise CheckpointError(
+                f"{model_uri}: the MLmodel file records weights sha256 {in_mlmodel} but {recorded_in} is "
+                f"{expected}; refusing to load a model whose files were changed after export"
+            )
+        if expected is None:
+            expected, recorded_in = in_mlmodel, "in the model's MLmodel file (model_config)"
+        if expected is None:
+            raise CheckpointError(f"{model_uri}: no {WEIGHTS_SHA256} recorded for its weights; export it again")
+        return load_translator(files, expected, recorded_in)
