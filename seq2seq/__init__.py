@@ -14,7 +14,7 @@
   score          score_corpus (sacrebleu BLEU, chrF, TER with signatures) and its command
   serving        Translator: the MLflow pyfunc model
   tracking       MLflow set-up and ResilientRun
-  promote, preset, ctranslate2_export    commands: python -m seq2seq.<name>
+  promote, preset, ctranslate2_export, champion_server    commands: python -m seq2seq.<name>
 
 cli, paths, device and progress are plumbing shared by the stages (stages/), not part of the API.
 Nothing is imported here, so `import seq2seq.config` stays cheap for stages that need no torch.
@@ -23,6 +23,7 @@ Nothing is imported here, so `import seq2seq.config` stays cheap for stages that
 __all__ = [
     "attention_rnn",
     "beam",
+    "champion_server",
     "checkpoint",
     "config",
     "cpu",
