@@ -1,5 +1,5 @@
 #!/bin/sh
-# Keep this worker's own clone in $NMT_WORKDIR (flows run there: see flows/deploy.py), point its DVC
+# Keep this worker's own clone in $NMT_WORKDIR (flows run there: see the pull steps of prefect.yaml), point its DVC
 # remote `minio` at the object store, then run the command (a Prefect worker, or the MLflow server).
 set -eu
 mkdir -p "$HOME"

@@ -17,7 +17,7 @@
   registry       load_registered: a models:/ URI loaded as data, its weights checked against the registry tag
   redact         redact: credentials in URLs masked for logs and MLflow params
   tracking       MLflow set-up and ResilientRun
-  promote, preset, ctranslate2_export    commands: python -m seq2seq.<name>
+  promote, preset, ctranslate2_export, champion_server    commands: python -m seq2seq.<name>
 
 cli, paths, device, parallel and progress are plumbing shared by the stages (stages/), not part of the API.
 Nothing is imported here, so `import seq2seq.config` stays cheap for stages that need no torch.
@@ -26,6 +26,7 @@ Nothing is imported here, so `import seq2seq.config` stays cheap for stages that
 __all__ = [
     "attention_rnn",
     "beam",
+    "champion_server",
     "checkpoint",
     "config",
     "cpu",

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from seq2seq.checkpoint import CheckpointError, load_model
+from seq2seq.config import DecodingParams
+from seq2seq.decoding import source_batches
 from seq2seq.tokenizer import EOS_ID, Tokenizer
 from seq2seq.transformer import MultiHeadAttention, Sublayer, Transformer
 
@@ -134,6 +136,47 @@ def translate_with_ctranslate2(
     """Token ids in, best hypothesis ids out, with a CTranslate2 Translator over an export of ours."""
     results = translator.translate_batch(source_pieces(tokenizer, ids), **options)
     return [[tokenizer.sp.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
+
+
+def translate_texts_ctranslate2(
+    translator, tokenizer: Tokenizer, texts: Sequence[str], opts: DecodingParams, max_positions: int
+) -> list[str]:
+    """The best translation of each text by a CTranslate2 Translator over an export of ours, with our decoding
+    options: the same length-sorted batches as `seq2seq.decoding.translate_nbest`, beam size, and output length
+    limit a * (source tokens + EOS) + b, taken per batch (CTranslate2 has one limit per call). Empty texts give "".
+
+    CTranslate2 normalises a beam's score by length ** alpha, where ours uses GNMT's ((5 + length) / 6) ** alpha
+    (seq2seq/beam.py); with a length penalty it is asked for the whole beam unnormalised, and the hypotheses are
+    ranked by ours, which gives our beam search's choice (the test compares them).
+    """
+    nonempty = [i for i, t in enumerate(texts) if t.strip()]
+    results = [""] * len(texts)
+    ids = [seq[: max_positions - 1] for seq in tokenizer.encode([texts[i] for i in nonempty])]
+    rerank = opts.beam_size > 1 and opts.length_penalty != 0
+    for batch in source_batches([len(s) + 1 for s in ids], opts.batch_size, opts.max_tokens):
+        sources = [ids[i] for i in batch]
+        limit = max(int(opts.max_len_a * (len(s) + 1) + opts.max_len_b) for s in sources)
+        found = translator.translate_batch(
+            source_pieces(tokenizer, sources),
+            beam_size=opts.beam_size,
+            num_hypotheses=opts.beam_size if rerank else 1,
+            length_penalty=0.0 if rerank else opts.length_penalty,
+            return_scores=rerank,
+            max_decoding_length=min(limit, max_positions),
+            max_batch_size=len(sources),
+        )
+        best = [best_by_gnmt(r, opts.length_penalty) if rerank else r.hypotheses[0] for r in found]
+        hypotheses = [[tokenizer.sp.piece_to_id(p) for p in pieces] for pieces in best]
+        for i, text in zip(batch, tokenizer.decode(hypotheses), strict=True):
+            results[nonempty[i]] = text
+    return results
+
+
+def best_by_gnmt(result, alpha: float) -> list[str]:
+    """The hypothesis of a CTranslate2 result (unnormalised scores) that seq2seq.beam would rank first:
+    the highest log P / ((5 + length) / 6) ** alpha, where length counts EOS."""
+    ranked = zip(result.hypotheses, result.scores, strict=True)
+    return max(ranked, key=lambda hs: hs[1] / ((5.0 + len(hs[0]) + 1) / 6.0) ** alpha)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

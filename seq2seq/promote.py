@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from seq2seq.config import ParamsError, load_params
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+DELIVERED_TAG = "delivery.champion"  # registered model tag: the version the deliver-champion flow last delivered
 
 
 class PromotionRefused(RuntimeError):

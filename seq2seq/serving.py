@@ -9,12 +9,17 @@ weight is read, and the SentencePiece model must be the one the weights were tra
 Requests are bounded: at most MAX_SENTENCES strings of MAX_CHARS characters each, and decoding options
 within DecodingParams' bounds (beam_size <= 16, ...). Anything else is refused as an invalid parameter,
 which `mlflow models serve` answers with HTTP 400.
+
+A registered version may also carry CTranslate2 int8 weights (the deliver-champion flow adds them to its
+artifacts, beside the checkpoint, once they pass its BLEU check); the model then translates with those,
+and with PyTorch otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,8 @@ WEIGHTS_SHA256 = "weights_sha256"  # the model config key (and registry tag) hol
 ARTIFACTS = ("checkpoint", "tokenizer", "decoding")  # the files the model bundles, by artifact name
 MAX_SENTENCES = 1000  # strings in one request
 MAX_CHARS = 5000  # characters in one string; longer sources are cut to the model's positions anyway
+CT2_INT8_DIR = "ctranslate2-int8"  # the directory, beside the checkpoint artifact, that holds the CTranslate2 export
+log = logging.getLogger("seq2seq.serving")
 
 
 def file_sha256(path: Path) -> str:
@@ -112,7 +119,14 @@ class Translator(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         files = {name: Path(context.artifacts[name]) for name in ARTIFACTS}
         recorded_in = "in the model's MLmodel file (model_config)"
+        self.artifacts = files
         self.translator = load_translator(files, context.model_config[WEIGHTS_SHA256], recorded_in)
+        self.ctranslate2 = load_ctranslate2(files["checkpoint"].parent / CT2_INT8_DIR)
+
+    @property
+    def backend(self) -> str:
+        """What `predict` translates with: "ctranslate2-int8" or "pytorch"."""
+        return "ctranslate2-int8" if getattr(self, "ctranslate2", None) is not None else "pytorch"
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         """Translations of a list of strings (or a one-column DataFrame); `params` override decoding options."""
@@ -126,4 +140,29 @@ class Translator(mlflow.pyfunc.PythonModel):
             texts, opts = parse_request(model_input, params, t.decoding)
         except ValueError as err:  # the scoring server answers an invalid parameter with HTTP 400
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        if self.backend != "pytorch":
+            from seq2seq.ctranslate2_export import translate_texts_ctranslate2
+
+            return translate_texts_ctranslate2(self.ctranslate2, t.tokenizer, texts, opts, t.model.cfg.max_positions)
         return [n[0].text for n in translate_texts(t.model, t.tokenizer, texts, opts, t.device)]
+
+
+def load_ctranslate2(directory: Path) -> Any | None:
+    """A CTranslate2 Translator over `directory` (int8 on the CPU), or None when the version has no such export
+    or ctranslate2 is not installed here (then PyTorch translates; the log says why)."""
+    if not (directory / "model.bin").is_file():
+        return None
+    try:
+        import ctranslate2
+    except ModuleNotFoundError:
+        log.warning(
+            "%s: CTranslate2 weights present but ctranslate2 is not installed; translating with PyTorch", directory
+        )
+        return None
+    device = "cuda" if ctranslate2.get_cuda_device_count() else "cpu"
+    return ctranslate2.Translator(
+        str(directory),
+        device=device,
+        compute_type="int8" if device == "cpu" else "int8_float16",
+        intra_threads=torch.get_num_threads(),
+    )

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["stages", "seq2seq", "flows", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["stages", "seq2seq", "flows", "dvc.yaml", "prefect.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 
 # A toy "language pair": each English word has one French word, and French puts adjectives after nouns.
 LEXICON = {

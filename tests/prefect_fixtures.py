@@ -27,12 +27,13 @@ class PrefectApi:
         self.url = url.rstrip("/")
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        # A busy SQLite database answers 503; Prefect's own client retries those, so do we.
-        for attempt in range(6):
+        # A busy SQLite database answers 503; Prefect's own client retries those, so do we (for about a minute:
+        # on a loaded 2-core machine the server can stay busy that long).
+        for attempt in range(9):
             r = requests.request(method, f"{self.url}{path}", json=body, timeout=30)
-            if r.status_code not in (502, 503) or attempt == 5:
+            if r.status_code not in (502, 503) or attempt == 8:
                 break
-            time.sleep(0.5 * 2**attempt)
+            time.sleep(min(0.5 * 2**attempt, 15.0))
         r.raise_for_status()
         return r.json()
 

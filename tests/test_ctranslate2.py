@@ -73,3 +73,32 @@ def test_export_refuses_a_mismatched_vocabulary_and_keeps_the_old_export(toy, tm
     with pytest.raises(CheckpointError, match=r"spm\.model: \d+ pieces.*vocabulary"):
         export_ctranslate2(tmp_path / "model.pt", root / "spm" / "spm.model", tmp_path / "ct2")
     assert (tmp_path / "ct2" / "model.bin").read_bytes() == b"previous export"
+
+
+def test_texts_decode_as_ours_beam_and_gnmt_length_penalty_included(toy) -> None:
+    """What the pyfunc serves from a CTranslate2 export (float32 here: the same numbers as PyTorch) is what our
+    beam search gives, with our batches, length limits and GNMT length penalty; empty lines stay empty."""
+    from seq2seq.config import DecodingParams
+    from seq2seq.ctranslate2_export import translate_texts_ctranslate2
+    from seq2seq.translate import translate_texts
+
+    root, tokenizer, src, tgt, _ = toy
+    model = train_tiny(tiny_transformer(tokenizer.vocab_size, seed=0), src, tgt, steps=250)
+    save_checkpoint(root / "texts.pt", model, "transformer", step=250)
+    out = export_ctranslate2(root / "texts.pt", root / "spm" / "spm.model", root / "texts")
+    translator = ctranslate2.Translator(str(out), device="cpu", intra_threads=1)
+    texts = [e for e, _ in toy_pairs(40, seed=1)] + [""]
+    for beam, alpha in ((1, 0.0), (5, 0.0), (5, 0.6)):
+        opts = DecodingParams(
+            batch_size=16,
+            max_tokens=4096,
+            beam_size=beam,
+            length_penalty=alpha,
+            nbest=1,
+            max_len_a=1.5,
+            max_len_b=10,
+            quantize="none",
+        )
+        ours = [n[0].text for n in translate_texts(model, tokenizer, texts, opts, torch.device("cpu"))]
+        assert translate_texts_ctranslate2(translator, tokenizer, texts, opts, model.cfg.max_positions) == ours
+    assert ours[-1] == ""

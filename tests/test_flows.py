@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from flows.deploy import PULL_STEPS, parse_param, specs
 from flows.report import metrics_markdown, run_link
 from flows.train import parse_result_markdown, result_markdown
 from flows.workspace import (
@@ -128,13 +128,52 @@ def test_credentials_in_urls_never_reach_the_run_log(tmp_path: Path, caplog: pyt
     assert "pw123" not in str(failed.value) and "pw456" not in str(failed.value)
 
 
-def test_deployments_run_from_the_workers_own_clone() -> None:
-    pipeline, train, champion = specs("default", "gpu", "0 3 * * 1", "0 6 * * *")
-    assert (pipeline.pool, train.pool, champion.pool) == ("default", "gpu", "default")
-    assert pipeline.cron and champion.cron and not train.cron
-    assert PULL_STEPS[0]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $NMT_WORKDIR }}"
-    assert parse_param('overrides={"train.lr": 0.001}') == ("overrides", {"train.lr": 0.001})
-    assert parse_param("remote=s3") == ("remote", "s3")
+def test_prefect_yaml_declares_every_deployment_of_a_flow_in_this_repository() -> None:
+    import importlib
+
+    from prefect import Flow
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in config["deployments"]}
+    assert set(deployments) == {"pipeline", "train", "evaluate-champion", "deliver-champion"}
+    for name, d in deployments.items():
+        path, _, attr = d["entrypoint"].partition(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), attr)
+        assert isinstance(flow, Flow) and flow.name == name  # `prefect deployment run <name>/<name>`
+        assert set(d.get("parameters") or {}) <= set(flow.parameters.properties)
+    assert deployments["train"]["work_pool"]["name"] == "gpu"
+    assert {d["work_pool"]["name"] for n, d in deployments.items() if n != "train"} == {"default"}
+    [trigger] = deployments["deliver-champion"]["triggers"]
+    assert trigger["match"]["mlflow.alias"] == "champion"
+    flow_params = importlib.import_module("flows.deliver_champion").deliver_champion.parameters
+    assert set(trigger["parameters"]) <= set(flow_params.properties)
+
+
+def test_prefect_yaml_pull_steps_resolve_the_workdir_on_the_worker_at_run_time(tmp_path: Path) -> None:
+    """Prefect's own step functions and templating, as a worker applies them: the directory comes from the
+    worker's $NMT_WORKDIR (a `{{ $NMT_WORKDIR }}` would have been filled in by `prefect deploy` instead)."""
+    import asyncio
+    import os
+
+    from prefect.deployments.steps.pull import set_working_directory
+    from prefect.deployments.steps.utility import run_shell_script
+    from prefect.utilities.templating import apply_values
+
+    (shell, first), (chdir, second) = (
+        next(iter(step.items())) for step in yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"]
+    )
+    assert shell.endswith(".run_shell_script") and chdir.endswith(".set_working_directory")
+    assert "{{" not in first["script"]
+    here = Path.cwd()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("NMT_WORKDIR", str(tmp_path))
+            options = {k: v for k, v in first.items() if k != "id"}
+            outputs = {first["id"]: asyncio.run(run_shell_script(**options))}
+            set_working_directory(**apply_values(second, outputs))
+            assert Path.cwd() == tmp_path
+    finally:
+        os.chdir(here)
 
 
 SCRIPT = textwrap.dedent(

@@ -1,7 +1,8 @@
 """The Prefect deployments for real: one server, a CPU worker and a GPU-pool worker, each in its own clone.
 
 One module-scoped stack (server on a free 127.0.0.1 port with SQLite, pools `default` and `gpu`, two
-process workers, the three deployments); the tests share its clones, so they run in file order.
+process workers, the four deployments of prefect.yaml registered with `prefect deploy --all`); the tests
+share its clones, so they run in file order.
 The DVC remote is a local directory (one test uses S3 through moto's server); MLflow is a SQLite file
 that both workers point at (a stand-in for the tracking server of infra/).
 """
@@ -81,8 +82,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
             cli(["work-pool", "create", pool, "--type", "process"], root, penv)
         start_worker(procs, "cpu-worker", "default", clones["orchestrator"], penv)
         start_worker(procs, "gpu-worker", "gpu", clones["gpu"], penv)
+        # the documented way: prefect.yaml, from the clone's root; the schedules paused so that no run queues up
         deploy_env = dict(penv, PYTHONPATH=str(clones["orchestrator"]))
-        run([PY, "-m", "flows.deploy", "--paused"], clones["orchestrator"], deploy_env)
+        cli(["--no-prompt", "deploy", "--all"], clones["orchestrator"], deploy_env, timeout=300)
+        cli(["--no-prompt", "deployment", "schedule", "pause", "--all"], clones["orchestrator"], deploy_env)
         yield Stack(root, PrefectApi(api_url), env, clones["orchestrator"], clones["gpu"], remote, tracking_uri, procs)
     finally:
         procs.stop_all()
@@ -101,18 +104,28 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_deployments_and_schedules_are_registered(stack: Stack) -> None:
-    pipeline = stack.api.deployment("pipeline/pipeline")
+def test_prefect_deploy_all_registers_the_four_deployments_on_a_fresh_server(stack: Stack) -> None:
+    deployments = {d["name"]: d for d in stack.api.post("/deployments/filter", {})}
+    assert set(deployments) == {"pipeline", "train", "evaluate-champion", "deliver-champion"}
+    pipeline, train = deployments["pipeline"], deployments["train"]
     assert pipeline["work_pool_name"] == "default"
     [schedule] = pipeline["schedules"]
-    assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["active"] is False  # --paused: no runs queue up
-    assert stack.api.deployment("train/train")["work_pool_name"] == "gpu"
-    champion = stack.api.deployment("evaluate-champion/evaluate-champion")
+    assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["active"] is False  # paused: no runs queue up
+    assert train["work_pool_name"] == "gpu" and train["schedules"] == []
+    assert "PYTORCH_CUDA_ALLOC_CONF" in train["job_variables"]["env"]
+    champion = deployments["evaluate-champion"]
     assert champion["schedules"][0]["schedule"]["cron"] == "0 6 * * *"
-    assert (
-        pipeline["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
-        == "{{ $NMT_WORKDIR }}"
-    )
+    for d in deployments.values():  # the workdir is the worker's $NMT_WORKDIR, read when the run starts
+        step = d["pull_steps"][0]["prefect.deployments.steps.run_shell_script"]
+        assert step["script"] == "echo $NMT_WORKDIR" and step["expand_env_vars"] is True
+    deliver = deployments["deliver-champion"]
+    assert deliver["global_concurrency_limit"]["limit"] == 1
+    # its trigger became an automation that runs it on the webhook's event, for alias `champion` only
+    [automation] = [
+        a for a in stack.api.post("/automations/filter", {}) if a["actions"][0].get("deployment_id") == deliver["id"]
+    ]
+    assert automation["enabled"] and automation["trigger"]["expect"] == ["mlflow.model-version.alias.created"]
+    assert automation["trigger"]["match"]["mlflow.alias"] == "champion"
 
 
 def test_pipeline_trains_on_the_gpu_worker_and_pulls_the_model_back(stack: Stack) -> None:

@@ -50,6 +50,18 @@ def test_compose_has_the_whole_stack() -> None:
     assert SERVICES["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
 
 
+def test_registry_webhooks_go_to_the_receiver_over_https_only() -> None:
+    env = SERVICES["mlflow"]["environment"]
+    assert env["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"] == "https" and env["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] == "true"
+    receiver = SERVICES["webhook-receiver"]["command"]
+    assert receiver[:4] == ["python", "-m", "flows.mlflow_webhook", "serve"]
+    assert any(a.startswith("--ssl-keyfile=") for a in receiver) and any(
+        a.startswith("--ssl-certfile=") for a in receiver
+    )
+    assert env["REQUESTS_CA_BUNDLE"].startswith("/run/secrets/")  # MLflow checks the receiver's certificate
+    assert all(COMPOSE["secrets"][s]["file"].startswith("./secrets/") for s in COMPOSE["secrets"])
+
+
 def test_workers_serve_the_two_pools_and_the_gpu_worker_reserves_nvidia_devices() -> None:
     assert SERVICES["worker-cpu"]["command"][:5] == ["prefect", "worker", "start", "--pool", "default"]
     assert SERVICES["worker-gpu"]["command"][:5] == ["prefect", "worker", "start", "--pool", "gpu"]
