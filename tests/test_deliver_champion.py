@@ -97,6 +97,8 @@ def test_an_attention_rnn_champion_is_not_exported_and_the_tags_say_why(tmp_path
     rnn = build_model(parse_params(raw).model, vocab_size=40)
     d = Delivery("nmt-en-fr", "5", "4", "unknown", family=type(rnn).__name__)
     # the client, version and test sets are not touched on this path
-    deliver_ctranslate2(None, d, None, LoadedVersion(tmp_path, SimpleNamespace(model=rnn)), {}, 2)
+    deliver_ctranslate2(
+        None, d, None, LoadedVersion(tmp_path, SimpleNamespace(translator=SimpleNamespace(model=rnn))), {}, 2
+    )
     assert d.ctranslate2 == {}
     assert d.ctranslate2_note == "skipped: CTranslate2 runs Transformers, this is AttentionRNN; served with PyTorch"
