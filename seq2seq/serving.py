@@ -17,7 +17,6 @@ and with PyTorch otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.config import DecodingParams, key_errors
+from seq2seq.textio import file_sha256
 
 WEIGHTS_SHA256 = "weights_sha256"  # the model config key (and registry tag) holding the weights file's digest
 ARTIFACTS = ("checkpoint", "tokenizer", "decoding")  # the files the model bundles, by artifact name
@@ -38,14 +38,6 @@ MAX_SENTENCES = 1000  # strings in one request
 MAX_CHARS = 5000  # characters in one string; longer sources are cut to the model's positions anyway
 CT2_INT8_DIR = "ctranslate2-int8"  # the directory, beside the checkpoint artifact, that holds the CTranslate2 export
 log = logging.getLogger("seq2seq.serving")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_weights(path: Path, expected: str, recorded_in: str) -> None:

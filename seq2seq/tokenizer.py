@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+
+from seq2seq.textio import file_sha256
 
 # Fixed special ids: the models and the memmapped data rely on them.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -78,7 +79,7 @@ class Tokenizer:
     @functools.cached_property
     def sha256(self) -> str:
         """Digest of the model file: a checkpoint records the one it was trained with."""
-        return hashlib.sha256(self.model_path.read_bytes()).hexdigest()
+        return file_sha256(self.model_path)
 
     def encode(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         return self.sp.encode(list(texts), out_type=int, num_threads=num_threads)

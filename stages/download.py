@@ -42,7 +42,7 @@ from seq2seq import cli, paths
 from seq2seq.config import MIRROR_ENV, Checksum, DatasetSource, DownloadParams, Params, ParamsError, load_params
 from seq2seq.progress import Progress
 from seq2seq.redact import redact
-from seq2seq.textio import TextFormatError, atomic_write, write_json
+from seq2seq.textio import TextFormatError, atomic_write, file_sha256, write_json
 
 log = logging.getLogger("download")
 
@@ -269,7 +269,7 @@ class _Fetcher:
     def _remember_checksum(self, dest: Path, name: str) -> None:
         """Record the size and sha256 of a download that has no published checksum, to check it on reuse."""
         record = _CacheRecord.read(_record_path(dest)) or _CacheRecord(url="")
-        record.size, record.sha256 = dest.stat().st_size, _sha256(dest)
+        record.size, record.sha256 = dest.stat().st_size, file_sha256(dest)
         record.write(_record_path(dest))
         log.info(
             "%s: no published checksum (download.checksums.%s); recorded size %d and sha256 %s, checked on reuse",
@@ -456,14 +456,10 @@ def _digests(path: Path, names: Iterable[str] = ("sha256",)) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashes.items()}
 
 
-def _sha256(path: Path) -> str:
-    return _digests(path)["sha256"]
-
-
 def _same_content(paths: list[Path]) -> bool:
     if len({p.stat().st_size for p in paths}) > 1:
         return False
-    return len({_sha256(p) for p in paths}) == 1
+    return len({file_sha256(p) for p in paths}) == 1
 
 
 def _checksum_problem(path: Path, expected: Checksum | None) -> str | None:

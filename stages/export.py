@@ -24,8 +24,8 @@ import seq2seq
 from seq2seq import cli, paths
 from seq2seq.checkpoint import CheckpointError, check_tokenizer, load_checkpoint
 from seq2seq.config import Params, ParamsError, load_params
-from seq2seq.serving import WEIGHTS_SHA256, file_sha256
-from seq2seq.textio import write_json
+from seq2seq.serving import WEIGHTS_SHA256
+from seq2seq.textio import file_sha256, write_json
 from seq2seq.tokenizer import Tokenizer
 from seq2seq.tracking import git_commit, mlflow, read_run_id, setup_mlflow
 

@@ -21,7 +21,8 @@ from seq2seq.config import Params, parse_params
 from seq2seq.promote import PromotionRefused, promote
 from seq2seq.registry import load_registered
 from seq2seq.score import score_corpus
-from seq2seq.serving import WEIGHTS_SHA256, file_sha256
+from seq2seq.serving import WEIGHTS_SHA256
+from seq2seq.textio import file_sha256
 from seq2seq.tracking import mlflow, write_run_file
 from seq2seq.translate import translate_texts
 from stages.export import export
