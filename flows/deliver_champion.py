@@ -378,7 +378,7 @@ def set_tags(client, name: str, version: str, tags: dict[str, str]) -> None:
 def deliver_ctranslate2(client, d: Delivery, mv, model: LoadedVersion, test_sets, chrf: int) -> None:
     """Export a Transformer to CTranslate2 int8, score it, and upload it beside the checkpoint if it holds up."""
     from seq2seq.ctranslate2_export import translate_texts_ctranslate2
-    from seq2seq.serving import CT2_INT8_DIR, load_ctranslate2
+    from seq2seq.serving import CT2_INT8_DIR, directory_sha256, load_ctranslate2
     from seq2seq.transformer import Transformer
 
     t = model.translator
@@ -394,8 +394,12 @@ def deliver_ctranslate2(client, d: Delivery, mv, model: LoadedVersion, test_sets
         return
     checkpoint = Path(model.artifacts["checkpoint"])
     with tempfile.TemporaryDirectory(prefix="ct2-") as tmp:
-        out = export_int8(checkpoint, Path(model.artifacts["tokenizer"]), Path(tmp) / CT2_INT8_DIR)
-        fast, opts, max_positions = load_ctranslate2(out), model.decoding, t.model.cfg.max_positions
+        upload = Path(tmp) / "upload"  # what goes into the version's artifacts: the export and its digest
+        upload.mkdir()
+        out = export_int8(checkpoint, Path(model.artifacts["tokenizer"]), upload / CT2_INT8_DIR)
+        digest = directory_sha256(out)
+        fast = load_ctranslate2(out, digest, "at export")
+        opts, max_positions = model.decoding, t.model.cfg.max_positions
         d.ctranslate2 = rescore(
             lambda texts: translate_texts_ctranslate2(fast, t.tokenizer, texts, opts, max_positions),
             test_sets,
@@ -409,11 +413,21 @@ def deliver_ctranslate2(client, d: Delivery, mv, model: LoadedVersion, test_sets
             )
             log().error("%s", d.ctranslate2_note)
             return
-        artifact_path = f"{checkpoint.parent.relative_to(model.root).as_posix()}/{CT2_INT8_DIR}"
-        client.log_model_artifacts(model_id_of(mv), str(out), artifact_path)
+        artifact_path = upload_ctranslate2(client, mv, out, digest, checkpoint.parent.relative_to(model.root))
         d.ctranslate2_note = (
             f"exported to the version's artifacts ({artifact_path}); BLEU at most {CT2_BLEU_TOLERANCE} below PyTorch's"
         )
+
+
+def upload_ctranslate2(client, mv, out: Path, digest: str, parent: Path) -> str:
+    """Upload the CTranslate2 export `out` into the version's artifacts under `parent`, with its digest written
+    beside it, then record the digest as the version's tag (the loaders check both)."""
+    from seq2seq.serving import CT2_INT8_SHA256, ct2_digest_file
+
+    ct2_digest_file(out).write_text(digest + "\n", encoding="ascii")
+    client.log_model_artifacts(model_id_of(mv), str(out.parent), parent.as_posix())
+    client.set_model_version_tag(mv.name, mv.version, CT2_INT8_SHA256, digest)
+    return f"{parent.as_posix()}/{out.name}"
 
 
 def restore_previous(client, name: str, version: str, previous: str | None) -> str:

@@ -20,10 +20,12 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from seq2seq.promote import CHAMPION, DELIVERED_TAG
@@ -36,6 +38,7 @@ class Served:
     version: str
     backend: str
     app: Any  # the scoring server's ASGI app for this version
+    files: tempfile.TemporaryDirectory  # the version's downloaded files, kept while it is served
 
 
 def wanted_version(client, name: str, follow: str) -> str | None:
@@ -51,12 +54,20 @@ def wanted_version(client, name: str, follow: str) -> str | None:
 
 
 def load(name: str, version: str) -> Served:
+    """Download the version, check its files against the registry's tags (weights, CTranslate2 export), then
+    load it as the pyfunc model, which checks the files themselves against those records."""
     import mlflow.pyfunc
     from mlflow.pyfunc import scoring_server
 
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    from seq2seq.registry import check_ctranslate2_record, download_checked
+
+    uri = f"models:/{name}/{version}"
+    files = tempfile.TemporaryDirectory(prefix=f"champion-{version}-")
+    checked = download_checked(uri, Path(files.name))
+    check_ctranslate2_record(uri, checked)
+    model = mlflow.pyfunc.load_model(str(checked.model_dir))
     backend = getattr(model.unwrap_python_model(), "backend", "pytorch")
-    return Served(version, backend, scoring_server.init(model))
+    return Served(version, backend, scoring_server.init(model), files)
 
 
 class ChampionServer:
@@ -156,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
     from mlflow.exceptions import MlflowException
 
+    from seq2seq.checkpoint import CheckpointError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
@@ -164,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         server.start()
     except MlflowException as err:
         sys.exit(f"champion_server: error: {args.name}: {err.message}")
+    except CheckpointError as err:  # files that do not match the registry's records
+        sys.exit(f"champion_server: error: {err}")
     uvicorn.run(server, host=args.host, port=args.port, log_level="info")
 
 

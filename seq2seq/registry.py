@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from seq2seq.checkpoint import CheckpointError
-from seq2seq.serving import ARTIFACTS, WEIGHTS_SHA256, LoadedTranslator, load_translator
+from seq2seq.serving import (
+    ARTIFACTS,
+    CT2_INT8_DIR,
+    CT2_INT8_SHA256,
+    WEIGHTS_SHA256,
+    LoadedTranslator,
+    ct2_digest_file,
+    load_translator,
+)
 
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
@@ -57,9 +66,30 @@ def load_registered(model_uri: str) -> LoadedTranslator:
     For models:/ URIs the digest must match the registry tag; for others (runs:/, a local directory) the
     MLmodel's own record. A version without the tag is refused: re-export it.
     """
-    import mlflow.artifacts
+    with tempfile.TemporaryDirectory(prefix="nmt-model-") as tmp:
+        checked = download_checked(model_uri, Path(tmp))
+        return load_translator(checked.files, checked.weights_sha256, checked.recorded_in)
 
-    expected = recorded_in = None
+
+@dataclass(frozen=True)
+class CheckedModel:
+    """A downloaded translator whose records agree with the registry's: its files by artifact name, the weights
+    digest to load them against and where that digest was recorded; the version's tags for models:/ URIs."""
+
+    model_dir: Path
+    files: dict[str, Path]
+    weights_sha256: str
+    recorded_in: str
+    tags: dict[str, str] | None
+
+
+def download_checked(model_uri: str, dst: Path) -> CheckedModel:
+    """Download the translator at `model_uri` into `dst`; for models:/ URIs the version must carry the
+    `weights_sha256` tag, and the digest in the MLmodel file must be the same."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    expected = recorded_in = tags = None
     if model_uri.startswith("models:/"):
         name, version, tags = resolve(model_uri)
         expected = tags.get(WEIGHTS_SHA256)
@@ -70,21 +100,34 @@ def load_registered(model_uri: str) -> LoadedTranslator:
                 "were checked); refusing to load unverified weights: export the model again"
             )
         model_uri = f"models:/{name}/{version}"
-    from mlflow.exceptions import MlflowException
+    try:
+        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except MlflowException as err:
+        raise CheckpointError(f"{model_uri}: cannot download the model: {err.message}") from None
+    files, in_mlmodel = bundled_files(model_dir)
+    if expected is not None and in_mlmodel not in (None, expected):
+        raise CheckpointError(
+            f"{model_uri}: the MLmodel file records weights sha256 {in_mlmodel} but {recorded_in} is "
+            f"{expected}; refusing to load a model whose files were changed after export"
+        )
+    if expected is None:
+        expected, recorded_in = in_mlmodel, "in the model's MLmodel file (model_config)"
+    if expected is None:
+        raise CheckpointError(f"{model_uri}: no {WEIGHTS_SHA256} recorded for its weights; export it again")
+    return CheckedModel(model_dir, files, expected, recorded_in, tags)
 
-    with tempfile.TemporaryDirectory(prefix="nmt-model-") as tmp:
-        try:
-            model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        except MlflowException as err:
-            raise CheckpointError(f"{model_uri}: cannot download the model: {err.message}") from None
-        files, in_mlmodel = bundled_files(model_dir)
-        if expected is not None and in_mlmodel not in (None, expected):
-            raise CheckpointError(
-                f"{model_uri}: the MLmodel file records weights sha256 {in_mlmodel} but {recorded_in} is "
-                f"{expected}; refusing to load a model whose files were changed after export"
-            )
-        if expected is None:
-            expected, recorded_in = in_mlmodel, "in the model's MLmodel file (model_config)"
-        if expected is None:
-            raise CheckpointError(f"{model_uri}: no {WEIGHTS_SHA256} recorded for its weights; export it again")
-        return load_translator(files, expected, recorded_in)
+
+def check_ctranslate2_record(model_uri: str, checked: CheckedModel) -> None:
+    """A CTranslate2 export in the version's artifacts must have its digest recorded beside it equal to the
+    version's `ctranslate2_int8_sha256` tag (the pyfunc then checks the files against the one beside them)."""
+    directory = checked.files["checkpoint"].parent / CT2_INT8_DIR
+    if not (directory / "model.bin").is_file() or checked.tags is None:
+        return
+    tag = checked.tags.get(CT2_INT8_SHA256)
+    beside = ct2_digest_file(directory)
+    recorded = beside.read_text(encoding="ascii").strip() if beside.is_file() else None
+    if tag is None or recorded != tag:
+        raise CheckpointError(
+            f"{model_uri}: its CTranslate2 weights' digest in {beside.name} is {recorded} but the registry tag "
+            f"{CT2_INT8_SHA256} is {tag}; refusing a model whose files were changed after delivery"
+        )

@@ -12,11 +12,13 @@ which `mlflow models serve` answers with HTTP 400.
 
 A registered version may also carry CTranslate2 int8 weights (the deliver-champion flow adds them to its
 artifacts, beside the checkpoint, once they pass its BLEU check); the model then translates with those,
-and with PyTorch otherwise.
+and with PyTorch otherwise. Their digest (`directory_sha256`) is written beside them (`ctranslate2-int8.sha256`)
+and as the registry tag `ctranslate2_int8_sha256`; `load_ctranslate2` refuses a directory that does not match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -37,7 +39,20 @@ ARTIFACTS = ("checkpoint", "tokenizer", "decoding")  # the files the model bundl
 MAX_SENTENCES = 1000  # strings in one request
 MAX_CHARS = 5000  # characters in one string; longer sources are cut to the model's positions anyway
 CT2_INT8_DIR = "ctranslate2-int8"  # the directory, beside the checkpoint artifact, that holds the CTranslate2 export
+CT2_INT8_SHA256 = "ctranslate2_int8_sha256"  # the registry tag holding that directory's digest
 log = logging.getLogger("seq2seq.serving")
+
+
+def directory_sha256(directory: Path) -> str:
+    """One digest for a directory's files: sha256 over the sorted lines "<relative path> <file sha256>"."""
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+    lines = "".join(f"{p.relative_to(directory).as_posix()} {file_sha256(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def ct2_digest_file(directory: Path) -> Path:
+    """Where the digest of a CTranslate2 export is recorded: beside it, `<directory>.sha256`."""
+    return directory.with_name(directory.name + ".sha256")
 
 
 def verify_weights(path: Path, expected: str, recorded_in: str) -> None:
@@ -113,7 +128,10 @@ class Translator(mlflow.pyfunc.PythonModel):
         recorded_in = "in the model's MLmodel file (model_config)"
         self.artifacts = files
         self.translator = load_translator(files, context.model_config[WEIGHTS_SHA256], recorded_in)
-        self.ctranslate2 = load_ctranslate2(files["checkpoint"].parent / CT2_INT8_DIR)
+        ct2 = files["checkpoint"].parent / CT2_INT8_DIR
+        recorded = ct2_digest_file(ct2)
+        expected = recorded.read_text(encoding="ascii").strip() if recorded.is_file() else None
+        self.ctranslate2 = load_ctranslate2(ct2, expected, f"in {recorded.name} beside it")
 
     @property
     def backend(self) -> str:
@@ -139,11 +157,20 @@ class Translator(mlflow.pyfunc.PythonModel):
         return [n[0].text for n in translate_texts(t.model, t.tokenizer, texts, opts, t.device)]
 
 
-def load_ctranslate2(directory: Path) -> Any | None:
+def load_ctranslate2(directory: Path, expected: str | None, recorded_in: str) -> Any | None:
     """A CTranslate2 Translator over `directory` (int8 on the CPU), or None when the version has no such export
-    or ctranslate2 is not installed here (then PyTorch translates; the log says why)."""
+    or ctranslate2 is not installed here (then PyTorch translates; the log says why). The directory's digest
+    must be `expected`: weights with no recorded digest, or another one, are refused naming both."""
     if not (directory / "model.bin").is_file():
         return None
+    actual = directory_sha256(directory)
+    if expected is None:
+        raise CheckpointError(f"{directory}: CTranslate2 weights with no digest recorded {recorded_in}; refusing them")
+    if actual != expected:
+        raise CheckpointError(
+            f"{directory}: CTranslate2 weights sha256 {actual} differs from {expected} recorded {recorded_in}; "
+            "refusing to load them (the files were replaced or corrupted after delivery)"
+        )
     try:
         import ctranslate2
     except ModuleNotFoundError:

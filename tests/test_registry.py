@@ -241,3 +241,46 @@ def test_weights_replaced_in_the_artifact_store_are_refused_by_every_loader(regi
     proc = subprocess.run(cmd, input="a dog .\n", env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stdout == ""
     assert "Traceback" not in proc.stderr and recorded in proc.stderr and replaced in proc.stderr, proc.stderr
+
+
+def test_ctranslate2_weights_delivered_to_a_version_are_checked_against_its_tag(
+    registry: dict, server_root: Path, tmp_path: Path
+) -> None:
+    """deliver-champion's upload of CTranslate2 int8 weights records their digest beside them and as a tag; the
+    champion server then serves them. Replaced in the artifact store, they are refused, naming both digests."""
+    pytest.importorskip("ctranslate2")
+    from flows.deliver_champion import upload_ctranslate2
+    from seq2seq.champion_server import load
+    from seq2seq.ctranslate2_export import export_ctranslate2
+    from seq2seq.serving import CT2_INT8_DIR, CT2_INT8_SHA256, directory_sha256
+
+    client, version = MlflowClient(registry["uri"]), registry["versions"][0]["version"]
+    root = registry["root"]
+    (tmp_path / "upload").mkdir()
+    out = export_ctranslate2(
+        root / "steps250" / "model.pt", root / "spm" / "spm.model", tmp_path / "upload" / CT2_INT8_DIR, "int8"
+    )
+    digest = directory_sha256(out)
+    upload_ctranslate2(client, client.get_model_version(NAME, version), out, digest, Path("artifacts"))
+    assert client.get_model_version(NAME, version).tags[CT2_INT8_SHA256] == digest
+
+    served = load(NAME, version)
+    assert served.backend == "ctranslate2-int8"
+
+    uploaded = (out / "model.bin").read_bytes()
+    stored = [p for p in (server_root / "artifacts").rglob("model.bin") if p.read_bytes() == uploaded]
+    assert stored, "the uploaded CTranslate2 weights are in the artifact store"
+    for path in stored:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"sha256 [0-9a-f]{{64}} differs from {digest} recorded"):
+        load(NAME, version)  # the copy beside the files still matches the tag; the files do not
+    with pytest.raises(Exception, match=f"differs from {digest}"):
+        mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
+
+    for path in stored:  # whoever replaces the files also rewrites the digest beside them: the tag disagrees
+        beside = path.parent.with_name(CT2_INT8_DIR + ".sha256")
+        beside.write_text(directory_sha256(path.parent) + "\n", encoding="ascii")
+    with pytest.raises(CheckpointError, match=f"registry tag {CT2_INT8_SHA256} is {digest}"):
+        load(NAME, version)
