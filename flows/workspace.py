@@ -151,6 +151,7 @@ def _resolve(workdir: Path, revision: str) -> str:
 
 def write_params(workdir: Path, commit: str, preset: str | None, overrides: dict[str, Any] | None) -> Params:
     """params.yaml = the committed file at `commit`, then `preset` (a file in the repo), then `overrides`."""
+    refuse_credentials(overrides or {})
     path = workdir / "params.yaml"
     path.write_text(git(workdir, "show", f"{commit}:params.yaml") + "\n", encoding="utf-8")
     if preset:
@@ -163,6 +164,18 @@ def write_params(workdir: Path, commit: str, preset: str | None, overrides: dict
         finally:
             os.unlink(f.name)
     return load_params(path)
+
+
+def refuse_credentials(overrides: dict[str, Any]) -> None:
+    """Flow parameters are stored by the Prefect server and shown in its UI in clear: an override whose value
+    holds a URL with credentials is refused, naming the key (give credentials to the worker's environment)."""
+    for key, value in overrides.items():
+        if redact(str(value)) != str(value):
+            raise WorkspaceError(
+                f"overrides[{key!r}]: a URL with credentials in a flow parameter (Prefect stores and shows "
+                "parameters in clear); put the credentials in the worker's environment (netrc, AWS_*, "
+                "MLFLOW_TRACKING_USERNAME/PASSWORD) and pass the URL without them"
+            )
 
 
 # --- dvc.lock and DVC state -------------------------------------------------------------------------

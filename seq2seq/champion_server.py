@@ -168,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mlflow.exceptions import MlflowException
 
     from seq2seq.checkpoint import CheckpointError
+    from seq2seq.redact import redact, redact_all_logs
 
+    redact_all_logs()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
@@ -176,9 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         server.start()
     except MlflowException as err:
-        sys.exit(f"champion_server: error: {args.name}: {err.message}")
+        sys.exit(f"champion_server: error: {args.name}: {redact(err.message)}")
     except CheckpointError as err:  # files that do not match the registry's records
-        sys.exit(f"champion_server: error: {err}")
+        sys.exit(f"champion_server: error: {redact(str(err))}")
     uvicorn.run(server, host=args.host, port=args.port, log_level="info")
 
 

@@ -124,6 +124,9 @@ def load_translator(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from seq2seq.redact import redact_all_logs
+
+    redact_all_logs()
     parser = argparse.ArgumentParser(
         prog="nmt-translate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -23,9 +23,11 @@ from flows.workspace import (
     WorkspaceError,
     merge_lock_entries,
     read_lock,
+    refuse_credentials,
     run_command,
     uncached_outs,
     workspace_lock,
+    write_params,
     write_stage_outputs,
 )
 from seq2seq.redact import redact
@@ -126,6 +128,32 @@ def test_credentials_in_urls_never_reach_the_run_log(tmp_path: Path, caplog: pyt
         run_command(["sh", "-c", "echo remote http://trainer:pw123@mlflow:5000; exit 3", "https://u:pw456@h"], tmp_path)
     assert "trainer:***@mlflow" in caplog.text and "pw123" not in caplog.text and "pw456" not in caplog.text
     assert "pw123" not in str(failed.value) and "pw456" not in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["import flows", "from seq2seq.cli import stage_parser; stage_parser('train', None)"],
+    ids=["flow process", "stage"],
+)
+def test_every_log_record_of_a_flow_or_stage_process_is_redacted(entry: str) -> None:
+    """Whoever logs (a library, here "mlflow") and whichever handler sends it on (added after the entry, as
+    Prefect adds its API handler), the record carries no password."""
+    code = (
+        f"{entry}; import logging, sys; logging.basicConfig(stream=sys.stdout, format='%(message)s'); "
+        "logging.getLogger('mlflow').warning('retrying %s', 'http://trainer:pw123@mlflow:5000/api')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "retrying http://trainer:***@mlflow:5000/api"
+
+
+def test_overrides_carrying_credentials_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Prefect stores flow parameters and shows them in its UI: credentials do not belong there."""
+    overrides = {"train.max_steps": 10, "download.mirror": "https://bot:ghp_s3cret@mirror.example/wmt"}
+    with pytest.raises(WorkspaceError, match=r"overrides\['download.mirror'\]: a URL with credentials") as refused:
+        write_params(tmp_path, "HEAD", None, overrides)
+    assert "s3cret" not in str(refused.value) and list(tmp_path.iterdir()) == []
+    refuse_credentials({"download.mirror": "https://mirror.example/wmt", "train.max_steps": 10})  # no credentials
 
 
 def test_prefect_yaml_declares_every_deployment_of_a_flow_in_this_repository() -> None:
