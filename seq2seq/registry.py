@@ -3,13 +3,17 @@
 `load_registered("models:/nmt-en-fr@champion")` resolves the version, downloads its files, checks the
 weights file against the version's `weights_sha256` tag (set by the export stage) and against the digest in
 the model's MLmodel file, and loads weights (torch `weights_only`), SentencePiece model and decoding options
-with this project's own code. nmt-translate and the evaluate-champion flow load models this way; only
-`mlflow.pyfunc.load_model` (serving) runs the model's bundled code, which checks the same digest itself.
+with this project's own code. nmt-translate and the evaluate-champion flow load models this way. The
+champion server and the deliver-champion flow load the pyfunc model after `download_checked` and
+`use_installed_code`: the installed code, over files checked against the registry. Only a plain
+`mlflow.pyfunc.load_model("models:/...")` (e.g. `mlflow models serve`) runs the code stored with the model,
+which checks the same digests itself.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +119,26 @@ def download_checked(model_uri: str, dst: Path) -> CheckedModel:
     if expected is None:
         raise CheckpointError(f"{model_uri}: no {WEIGHTS_SHA256} recorded for its weights; export it again")
     return CheckedModel(model_dir, files, expected, recorded_in, tags)
+
+
+def use_installed_code(model_dir: Path) -> None:
+    """Make a downloaded translator run this installation's code, not the code stored with it: its "models
+    from code" file is replaced by seq2seq/translator_model.py and its bundled copy of seq2seq is removed, so
+    `mlflow.pyfunc.load_model(model_dir)` reads the artifact store's files as data only."""
+    from mlflow.models import Model
+
+    import seq2seq
+
+    flavor = Model.load(str(model_dir / "MLmodel")).flavors.get("python_function", {})
+    code_path, code_dir = flavor.get("model_code_path"), flavor.get("code")
+    if code_path is None:
+        raise CheckpointError(f"{model_dir}: not a models-from-code translator (no model_code_path); export it again")
+    code_file = Path(code_path).name  # where MLflow looks for it: in the model directory, by its base name
+    if code_dir is not None and Path(code_dir).name != code_dir:
+        raise CheckpointError(f"{model_dir}/MLmodel: code {code_dir!r} is not a directory name in the model")
+    shutil.copyfile(Path(seq2seq.__file__).parent / "translator_model.py", model_dir / code_file)
+    if code_dir:
+        shutil.rmtree(model_dir / code_dir, ignore_errors=True)
 
 
 def check_ctranslate2_record(model_uri: str, checked: CheckedModel) -> None:

@@ -243,6 +243,29 @@ def test_weights_replaced_in_the_artifact_store_are_refused_by_every_loader(regi
     assert "Traceback" not in proc.stderr and recorded in proc.stderr and replaced in proc.stderr, proc.stderr
 
 
+def test_the_champion_server_runs_its_own_code_not_the_code_stored_with_the_version(
+    registry: dict, server_root: Path, tmp_path: Path
+) -> None:
+    """Someone with write access to the artifact store replaces the version's models-from-code file: the
+    champion server (and deliver-champion) load the version without running it."""
+    from seq2seq.champion_server import load
+
+    marker = tmp_path / "stored-code-ran"
+    stored = [p for p in (server_root / "artifacts").rglob("translator_model.py")]
+    assert stored, "the models-from-code file is in the artifact store"
+    originals = {p: p.read_text() for p in stored}
+    try:
+        for path in stored:
+            path.write_text(f"open({str(marker)!r}, 'w').close()\n" + originals[path])
+        served = load(NAME, registry["versions"][0]["version"])
+        assert served.backend == "pytorch" and not marker.exists()
+        mlflow.pyfunc.load_model(f"models:/{NAME}/1")  # a plain load does run it: this is what is avoided
+        assert marker.exists()
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
+
+
 def test_ctranslate2_weights_delivered_to_a_version_are_checked_against_its_tag(
     registry: dict, server_root: Path, tmp_path: Path
 ) -> None:
