@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import numpy as np
 
@@ -18,6 +21,9 @@ from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the tokenize stage and its workers never need it
     import torch
+
+Batch: TypeAlias = "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"  # source + EOS, BOS + target, target + EOS
+T = TypeVar("T")
 
 
 def _with(prefix: Path, ext: str) -> Path:
@@ -163,7 +169,7 @@ def _padded(ids: np.ndarray, lengths: np.ndarray, prefix: int | None, suffix: in
     return torch.from_numpy(out)
 
 
-def collate(src: TokenArray, tgt: TokenArray, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(src: TokenArray, tgt: TokenArray, indices: np.ndarray) -> Batch:
     """(source + EOS, BOS + target, target + EOS) padded tensors for teacher forcing."""
     src_ids, src_lengths = src.gather(indices)
     tgt_ids, tgt_lengths = tgt.gather(indices)
@@ -172,3 +178,49 @@ def collate(src: TokenArray, tgt: TokenArray, indices: np.ndarray) -> tuple[torc
         _padded(tgt_ids, tgt_lengths, BOS_ID, None),
         _padded(tgt_ids, tgt_lengths, None, EOS_ID),
     )
+
+
+class Prefetched(Iterator[T]):
+    """`items`, produced `depth` ahead by a daemon thread: what the consumer gets, in the same order, is ready
+    when it asks (an exception in the producer is raised at the consumer, in its place). `close` stops it."""
+
+    def __init__(self, items: Iterator[T], depth: int) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(items,), name="prefetch", daemon=True)
+        self.thread.start()
+
+    def _produce(self, items: Iterator[T]) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+        except Exception as err:
+            self._put(_Failed(err))
+            return
+        self._put(_Failed(StopIteration()))
+
+    def _put(self, item: object) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> T:
+        item = self.queue.get()
+        if isinstance(item, _Failed):
+            self.queue.put(item)  # asked again, it says the same
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception  # StopIteration at the end of the items

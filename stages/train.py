@@ -29,9 +29,10 @@ import os
 import platform
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import sacrebleu
@@ -43,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from seq2seq import checkpoint, cli, cpu, paths
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.config import Params, ParamsError, TrainParams, flatten, load_params
-from seq2seq.data import TokenArray, collate, token_batches
+from seq2seq.data import Batch, Prefetched, TokenArray, collate, token_batches
 from seq2seq.decoding import translate_ids
 from seq2seq.device import pick_device
 from seq2seq.models import build_model
@@ -246,6 +247,21 @@ class TrainData:
         lengths = self.src.lengths[self.usable], self.tgt.lengths[self.usable]
         return [self.usable[b] for b in epoch_batches(*lengths, p.max_tokens, p.seed, epoch, procs.rank, procs.world)]
 
+    def stream(
+        self, epoch: int, index: int, p: TrainParams, procs: Processes, pin: bool
+    ) -> Iterator[tuple[int, int, Batch]]:
+        """This rank's batches collated, in order, epoch after epoch, from batch `index` of `epoch` on: each
+        as (epoch, index of the next batch, batch), the position a checkpoint records. `pin`: in page-locked
+        memory, for an asynchronous copy to the GPU."""
+        batches = self.batches(epoch, p, procs)
+        while True:
+            if index == len(batches):
+                epoch, index = epoch + 1, 0
+                batches = self.batches(epoch, p, procs)
+            batch = collate(self.src, self.tgt, batches[index])
+            index += 1
+            yield epoch, index, tuple(x.pin_memory() for x in batch) if pin else batch
+
 
 def load_data(params: Params, data_dir: Path, procs: Processes) -> TrainData:
     p = params.train
@@ -354,6 +370,16 @@ class TrackingError(RuntimeError):
 # ---- logging, validation, checkpoints ------------------------------------------------------------------
 
 
+class Window(NamedTuple):
+    """The steps between two log lines: their token-weighted mean loss, target tokens, wall seconds, and the
+    seconds of those the loop spent getting its batches (collating them, or waiting for the prefetch thread)."""
+
+    loss: float
+    tokens: int
+    seconds: float
+    data_seconds: float
+
+
 class LossLog:
     """losses.tsv in the checkpoint directory: step, loss, lr and target tokens of every step (rank 0).
 
@@ -372,9 +398,11 @@ class LossLog:
         self.pending: list[tuple[int, torch.Tensor, float, int]] = []
         self.rows: list[tuple[int, float, float, int]] = []  # written, in the current window
         self.window_start = time.perf_counter()
+        self.data_seconds = 0.0  # spent getting batches, in the current window
 
-    def add(self, step: int, loss: torch.Tensor, lr: float, tokens: int) -> None:
+    def add(self, step: int, loss: torch.Tensor, lr: float, tokens: int, data_seconds: float = 0.0) -> None:
         self.pending.append((step, loss, lr, tokens))
+        self.data_seconds += data_seconds
 
     def flush(self) -> None:
         if self.pending:
@@ -390,14 +418,14 @@ class LossLog:
         self.flush()
         os.fsync(self.file.fileno())
 
-    def window(self) -> tuple[float, int, float]:
-        """(token-weighted mean loss, target tokens, seconds) of the steps since the last window; starts the next."""
+    def window(self) -> Window:
+        """The steps since the last window (mean loss, tokens, seconds, of which getting batches); starts the next."""
         self.flush()
         tokens = sum(row[3] for row in self.rows)
         mean = sum(row[1] * row[3] for row in self.rows) / tokens
-        seconds = time.perf_counter() - self.window_start
-        self.rows, self.window_start = [], time.perf_counter()
-        return mean, tokens, seconds
+        window = Window(mean, tokens, time.perf_counter() - self.window_start, self.data_seconds)
+        self.rows, self.window_start, self.data_seconds = [], time.perf_counter(), 0.0
+        return window
 
     def close(self) -> None:
         self.file.close()
@@ -425,12 +453,13 @@ def log_window(
     progress: Progress,
 ) -> None:
     """Log the mean loss, lr, gradient norm and speed of the steps since the last log (rank 0)."""
-    mean_loss, tokens, seconds = losses.window()
+    mean_loss, tokens, seconds, data_seconds = losses.window()
     metrics = {
         "loss": mean_loss,
         "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens_per_s": tokens * procs.world / seconds,
+        "data_wait_share": data_seconds / seconds,  # of the step time, spent getting batches
         "epoch": state.epoch,
     }
     mfu = estimate_mfu(n_params, tokens / seconds, procs.device)
@@ -570,20 +599,21 @@ def train(
         progress = Progress("train", p.max_steps, unit="steps", completed=state.step, plain=False)
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    batches = data.batches(state.epoch, p, procs)
+    # on a GPU a thread collates (and pins) the next batches while the GPU computes, so it does not wait on them
+    feed = data.stream(state.epoch, state.batch_index, p, procs, pin=device.type == "cuda")
+    if device.type == "cuda":
+        feed = Prefetched(feed, depth=2 * p.grad_accum)
     last_scores: dict[str, float] = {}
     clock = time.perf_counter() - state.trained_seconds  # so that trained_seconds = now - clock, across resumes
     stop = state.step >= p.max_steps or state.trained_seconds >= p.max_minutes * 60  # a finished run stays finished
     model.train()
     while not stop:
         # one optimizer step = grad_accum micro-batches, taken in order from this epoch's (sharded) batch list
-        micro = []
+        micro, waited = [], time.perf_counter()
         for _ in range(p.grad_accum):
-            if state.batch_index == len(batches):
-                state.epoch, state.batch_index = state.epoch + 1, 0
-                batches = data.batches(state.epoch, p, procs)
-            micro.append(collate(data.src, data.tgt, batches[state.batch_index]))
-            state.batch_index += 1
+            state.epoch, state.batch_index, batch = next(feed)
+            micro.append(batch)
+        waited = time.perf_counter() - waited
         n_tokens = sum(int((tgt_out != PAD_ID).sum()) for _, _, tgt_out in micro)
         all_tokens = tokens_of_all_ranks(n_tokens, procs)  # the loss is per target token of every rank's batches
         state.step += 1
@@ -594,7 +624,7 @@ def train(
         step_loss = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
             if device.type == "cuda":
-                batch = tuple(x.pin_memory().to(device, non_blocking=True) for x in batch)
+                batch = tuple(x.to(device, non_blocking=True) for x in batch)  # pinned by the feed
             src, tgt_in, tgt_out = batch
             # DDP all-reduces the gradients once per step, after the last micro-batch's backward
             sync = model.no_sync() if procs.ddp and i < len(micro) - 1 else contextlib.nullcontext()
@@ -615,7 +645,7 @@ def train(
         state.trained_seconds = time.perf_counter() - clock
         stop = state.step >= p.max_steps or state.trained_seconds >= p.max_minutes * 60
         if procs.master:
-            losses.add(state.step, step_loss / n_tokens, lr, n_tokens)
+            losses.add(state.step, step_loss / n_tokens, lr, n_tokens, waited)
             if state.step % p.log_every == 0 or stop:
                 log_window(losses, state, lr, grad_norm, n_params, procs, tracker, progress)
             if state.step % p.eval_every == 0 or stop:
@@ -636,6 +666,7 @@ def train(
             save_checkpoint(state, ckpt_dir, raw_model, optimizer, scaler, params, key_dict, procs, losses)
 
     # ---- cleanup, and rank 0's final model, metrics and plots --------------------------------------------
+    feed.close()
     state.trained_seconds = time.perf_counter() - clock
     cleanup(raw_model, procs, progress)
     if not procs.master:

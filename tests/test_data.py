@@ -162,3 +162,26 @@ def test_vectorised_token_batches_equal_the_reference_loop(case: str, max_tokens
     assert [b.tolist() for b in got] == [b.tolist() for b in want]
     if rng is not None:  # the generator is left in the same state, so the next epoch's batches match too
         assert rng.random() == ref_rng.random()
+
+
+def test_prefetched_gives_the_items_in_order_then_the_producers_end_or_error() -> None:
+    import itertools
+    import threading
+
+    from seq2seq.data import Prefetched
+
+    assert list(Prefetched(iter(range(500)), depth=3)) == list(range(500))
+
+    def failing():
+        yield from (1, 2)
+        raise ValueError("bad batch file")
+
+    items = Prefetched(failing(), depth=4)
+    assert [next(items), next(items)] == [1, 2]
+    with pytest.raises(ValueError, match="bad batch file"):
+        next(items)
+
+    endless = Prefetched(itertools.count(), depth=2)
+    assert [next(endless) for _ in range(5)] == [0, 1, 2, 3, 4]
+    endless.close()
+    assert not endless.thread.is_alive() and "prefetch" not in [t.name for t in threading.enumerate()]

@@ -119,6 +119,33 @@ def final_hashes(output: str) -> dict[int, str]:
     return {int(w[2]): w[-1] for w in lines}
 
 
+def test_the_batch_feed_runs_on_across_epochs_and_prefetching_changes_nothing(tokenized) -> None:
+    """The loop's batches: epoch after epoch from a checkpoint's position, the same whether collated in the
+    loop (CPU) or ahead by the prefetch thread (GPU)."""
+    import stages.train as train_stage
+    from seq2seq.data import Prefetched, collate
+
+    data_dir, raw = tokenized
+    params = parse_params(raw)
+    procs = train_stage.setup_processes(params.train)
+    data = train_stage.load_data(params, data_dir / "tokenized", procs)
+    epochs = [data.batches(e, params.train, procs) for e in (0, 1, 2)]
+    n0, n1 = len(epochs[0]), len(epochs[1])
+    start = n0 - 3  # resume three batches before the end of epoch 0
+    expected = [(0, i + 1, epochs[0][i]) for i in range(start, n0)]
+    expected += [(1, i + 1, epochs[1][i]) for i in range(n1)] + [(2, 1, epochs[2][0])]
+
+    for feed in (
+        data.stream(0, start, params.train, procs, pin=False),
+        Prefetched(data.stream(0, start, params.train, procs, pin=False), depth=4),
+    ):
+        got = [next(feed) for _ in expected]
+        feed.close()
+        for (epoch, index, batch), (want_epoch, want_index, indices) in zip(got, expected, strict=True):
+            assert (epoch, index) == (want_epoch, want_index)
+            assert all(torch.equal(a, b) for a, b in zip(batch, collate(data.src, data.tgt, indices), strict=True))
+
+
 RESUMABLE = {
     "max_steps": 400,
     "save_every": 25,
@@ -159,6 +186,8 @@ def test_kill_9_then_resume_gives_the_same_losses_step_for_step(tmp_path: Path, 
     assert len(list(ws_b.glob("checkpoints/*/step-*.pt"))) == RESUMABLE["keep_last"]
     # the MLflow run continued: its loss curve is the uninterrupted one, without the redone steps twice
     assert mlflow_history(ws_b, "loss") == mlflow_history(ws_a, "loss")
+    waits = [share for _, share in mlflow_history(ws_a, "data_wait_share")]  # the time spent getting batches
+    assert len(waits) == RESUMABLE["max_steps"] // RESUMABLE["log_every"] and all(0 < w < 1 for w in waits)
 
     # a corrupt checkpoint stops the stage with a clear error instead of a silent fresh start
     (last,) = sorted(ws_b.glob("checkpoints/*/step-*.pt"))[-1:]

@@ -41,8 +41,10 @@ def test_loss_log_is_cut_back_to_the_checkpoint_and_averages_by_tokens(tmp_path:
     log.close()
     resumed = LossLog(path, through_step=2)  # the checkpoint covers steps 1-2; step 3 will be redone
     assert [line.split("\t")[0] for line in path.read_text().splitlines()] == ["step", "1", "2"]
-    resumed.add(3, torch.tensor(1.0), 0.1, 100)
-    mean, tokens, _ = resumed.window()
-    assert (mean, tokens) == (1.0, 100)
+    resumed.add(3, torch.tensor(1.0), 0.1, 100, data_seconds=0.25)
+    window = resumed.window()
+    assert (window.loss, window.tokens, window.data_seconds) == (1.0, 100, 0.25)
+    resumed.add(4, torch.tensor(1.0), 0.1, 100)
+    assert resumed.window().data_seconds == 0.0  # each window counts its own steps' time
     resumed.close()
-    assert resumed.history(log_every=2) == [(2, (4.0 * 100 + 2.0 * 300) / 400, 0.1), (3, 1.0, 0.1)]
+    assert resumed.history(log_every=2) == [(2, (4.0 * 100 + 2.0 * 300) / 400, 0.1), (4, 1.0, 0.1)]
