@@ -23,14 +23,16 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 class PrefectApi:
     """The few REST calls the tests need (the test process never imports a configured Prefect client)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, auth_string: str | None = None) -> None:
+        """`auth_string`: the server's PREFECT_SERVER_API_AUTH_STRING ("user:password"), sent as HTTP basic auth."""
         self.url = url.rstrip("/")
+        self.auth = tuple(auth_string.split(":", 1)) if auth_string else None
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         # A busy SQLite database answers 503; Prefect's own client retries those, so do we (for about a minute:
         # on a loaded 2-core machine the server can stay busy that long).
         for attempt in range(9):
-            r = requests.request(method, f"{self.url}{path}", json=body, timeout=30)
+            r = requests.request(method, f"{self.url}{path}", json=body, auth=self.auth, timeout=30)
             if r.status_code not in (502, 503) or attempt == 8:
                 break
             time.sleep(min(0.5 * 2**attempt, 15.0))
@@ -103,12 +105,15 @@ def prefect_env(base: dict[str, str], home: Path, api_url: str | None) -> dict[s
     return env
 
 
-def start_server(procs: Processes, home: Path, env: dict[str, str]) -> tuple[str, subprocess.Popen]:
-    """`prefect server start` on a free port, SQLite under `home`; returns the API URL (see `wait_server`)."""
+def start_server(
+    procs: Processes, home: Path, env: dict[str, str], database_url: str | None = None
+) -> tuple[str, subprocess.Popen]:
+    """`prefect server start` on a free port, its database SQLite under `home` unless `database_url` names
+    another; returns the API URL (see `wait_server`)."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = prefect_env(env, home, None)
-    env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home}/prefect.db"
+    env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url or f"sqlite+aiosqlite:///{home}/prefect.db"
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     return f"http://127.0.0.1:{port}/api", procs.start("server", cmd, home, env)
 
@@ -122,6 +127,19 @@ def start_worker(procs: Processes, name: str, pool: str, workdir: Path, env: dic
     env = dict(env, NMT_WORKDIR=str(workdir), PYTHONPATH=str(workdir))
     cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name, "--type", "process"]
     return procs.start(name, cmd, workdir, env)
+
+
+def deploy_with_two_workers(procs: Processes, root: Path, env: dict[str, str], orchestrator: Path, gpu: Path) -> None:
+    """Pools `default` and `gpu`, a process worker for each in its own clone, and prefect.yaml's deployments
+    registered the documented way (`prefect deploy --all` from the clone's root) with their schedules paused,
+    so that no run queues up. `env` is the workers' (PREFECT_API_URL and whatever else they hold)."""
+    for pool in ("default", "gpu"):
+        cli(["work-pool", "create", pool, "--type", "process"], root, env)
+    start_worker(procs, "cpu-worker", "default", orchestrator, env)
+    start_worker(procs, "gpu-worker", "gpu", gpu, env)
+    deploy_env = dict(env, PYTHONPATH=str(orchestrator))
+    cli(["--no-prompt", "deploy", "--all"], orchestrator, deploy_env, timeout=300)
+    cli(["--no-prompt", "deployment", "schedule", "pause", "--all"], orchestrator, deploy_env)
 
 
 def cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> str:

@@ -100,10 +100,12 @@ class Processes:
         self.procs.clear()
 
 
-def mlflow_server_cmd(mlflow: str, root: Path, port: int) -> list[str]:
-    """`mlflow server` with SQLite and local artifacts under `root`, one worker (~0.7 GB instead of ~2 GB)."""
+def mlflow_server_cmd(
+    mlflow: str, root: Path, port: int, backend_store_uri: str | None = None, artifacts_destination: str | None = None
+) -> list[str]:
+    """`mlflow server`, one worker (~0.7 GB instead of ~2 GB); by default SQLite and local artifacts under `root`."""
     return [
-        *(mlflow, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"),
-        *("--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)),
-        *("--workers", "1"),
+        *(mlflow, "server", "--backend-store-uri", backend_store_uri or f"sqlite:///{root}/mlflow.db"),
+        *("--artifacts-destination", artifacts_destination or str(root / "artifacts")),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
     ]

@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline_fixtures import make_workspace, run, tiny_params, write_toy_corpus
-from tests.prefect_fixtures import PrefectApi, cli, prefect_env, start_server, start_worker, train_result, wait_server
+from tests.prefect_fixtures import (
+    PrefectApi,
+    deploy_with_two_workers,
+    prefect_env,
+    start_server,
+    train_result,
+    wait_server,
+)
 from tests.servers import Processes, free_port
 
 pytestmark = pytest.mark.integration
@@ -78,14 +85,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
             run(["git", "clone", "-q", str(origin), str(clones[name])], root, env)
         wait_server(procs, api_url, server)
         penv = prefect_env(env, root / "prefect", api_url)
-        for pool in ("default", "gpu"):
-            cli(["work-pool", "create", pool, "--type", "process"], root, penv)
-        start_worker(procs, "cpu-worker", "default", clones["orchestrator"], penv)
-        start_worker(procs, "gpu-worker", "gpu", clones["gpu"], penv)
-        # the documented way: prefect.yaml, from the clone's root; the schedules paused so that no run queues up
-        deploy_env = dict(penv, PYTHONPATH=str(clones["orchestrator"]))
-        cli(["--no-prompt", "deploy", "--all"], clones["orchestrator"], deploy_env, timeout=300)
-        cli(["--no-prompt", "deployment", "schedule", "pause", "--all"], clones["orchestrator"], deploy_env)
+        deploy_with_two_workers(procs, root, penv, clones["orchestrator"], clones["gpu"])
         yield Stack(root, PrefectApi(api_url), env, clones["orchestrator"], clones["gpu"], remote, tracking_uri, procs)
     finally:
         procs.stop_all()

@@ -12,20 +12,19 @@ import json
 import re
 import shutil
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
 from prefect.utilities.templating import apply_values, find_placeholders
 
 from tests.pipeline_fixtures import tool_env
-from tests.servers import Processes, free_port, mlflow_server_cmd
+from tests.servers import Processes
+from tests.topology import create_mlflow_users, credentials, refused, start_locked_mlflow, wait_mlflow
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 COMPOSE = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
@@ -208,45 +207,15 @@ def test_docker_compose_config_is_valid(tmp_path: Path) -> None:
 def locked_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow server --app-name basic-auth` with infra's auth config (NO_PERMISSIONS), set up by mlflow_users.py."""
     root = tmp_path_factory.mktemp("mlflow-auth")
-    auth = configparser.ConfigParser()
-    auth.read(INFRA / "mlflow-basic-auth.ini")
-    auth["mlflow"]["database_uri"] = f"sqlite:///{root}/basic_auth.db"
-    with (root / "basic_auth.ini").open("w") as f:
-        auth.write(f)
-    env = {**tool_env(root), "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini")}
-    env.update(MLFLOW_AUTH_ADMIN_USERNAME="admin", MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORDS["admin"])
-    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = "csrf-key-for-the-test"  # the auth app refuses to start without one
-    procs, port = Processes(root / "logs"), free_port()
-    cmd = [*mlflow_server_cmd(str(Path(sys.executable).parent / "mlflow"), root, port), "--app-name", "basic-auth"]
+    procs = Processes(root / "logs")
     try:
-        proc = procs.start("mlflow", cmd, root, env)
-        procs.wait_ready("mlflow", proc, f"http://127.0.0.1:{port}/health")
-        uri = f"http://127.0.0.1:{port}"
-        setup_env = {**tool_env(root), "MLFLOW_TRACKING_URI": uri, **credentials("admin")}
-        setup_env.update(
-            NMT_MLFLOW_TRAINER_PASSWORD=PASSWORDS["trainer"], NMT_MLFLOW_READER_PASSWORD=PASSWORDS["reader"]
-        )
-        users = [sys.executable, str(INFRA / "mlflow_users.py"), "--experiment", "nmt", "--model", "nmt-en-fr"]
+        uri, proc = start_locked_mlflow(procs, root, tool_env(root))
+        wait_mlflow(procs, uri, proc)
         for _ in range(2):  # running it again changes nothing
-            done = subprocess.run(users, env=setup_env, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stderr
+            create_mlflow_users(uri, tool_env(root), ["nmt"], ["nmt-en-fr"])
         yield uri
     finally:
         procs.stop_all()
-
-
-PASSWORDS = {"admin": "admin-password-1", "trainer": "trainer-password-2", "reader": "reader-password-3"}  # >= 12 chars
-
-
-def credentials(user: str) -> dict[str, str]:
-    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": PASSWORDS[user]}
-
-
-def refused(call: Callable[[], object]) -> int:
-    """The HTTP status with which MLflow refuses `call` (it must refuse it)."""
-    with pytest.raises(MlflowException) as err:
-        call()
-    return err.value.get_http_status_code()
 
 
 @pytest.mark.integration
