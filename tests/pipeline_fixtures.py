@@ -108,6 +108,9 @@ def tool_env(home: Path) -> dict[str, str]:
         DVC_NO_ANALYTICS="1",
         DVC_NO_UPDATE_CHECK="1",
         MLFLOW_DISABLE_TELEMETRY="true",
+        # `mlflow server` (3.17) otherwise starts a job runner and seven huey consumers, ~2 GB for GenAI jobs
+        # the project never submits; without them a server is one ~0.3 GB process
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
         DO_NOT_TRACK="true",
         GIT_AUTHOR_NAME="test",
         GIT_AUTHOR_EMAIL="test@localhost",
