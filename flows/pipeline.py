@@ -7,20 +7,35 @@ worker; data moves only through the DVC remote:
     orchestrator: download, clean, tokenize -> dvc push tokenize outs
     gpu worker:   dvc pull tokenize outs -> train -> dvc push model      (flows/train.py)
     orchestrator: record the train entry in dvc.lock, dvc pull the model -> evaluate, export -> report
+
+A train flow run whose process dies with its worker (SIGKILL, a lost machine) stays RUNNING in Prefect 3
+for ever: nothing on the server crashes it. The orchestrator watches the run's heartbeat events (the train
+deployment sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY); after `train_silence_s` without one it marks the run
+CRASHED, naming the silence, and dispatches training again, as it does for a run that ended CRASHED (a
+worker killed alone takes its flow-run process down with a broken pipe). The next run on that worker's
+clone resumes from the checkpoints it left there (<train.checkpoint_dir>/, kept in the clone, not a DVC out).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
-from prefect import flow, task
+import httpx
+from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import FlowRun, State, TaskRun
 from prefect.deployments import run_deployment
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.runtime import flow_run
+from prefect.states import Crashed
 
 from flows.report import workspace_report
 from flows.train import RESULT_KEY, parse_result_markdown
@@ -41,6 +56,8 @@ from flows.workspace import (
 )
 
 HOUR = 3600
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+API_OUTAGE_S = 900  # how long the Prefect API may be unreachable (a server restart) while training is awaited
 TRAIN_INPUTS = ["tokenize"]  # the stages whose outputs the train stage reads (dvc.yaml deps)
 
 
@@ -102,11 +119,92 @@ def _train_result(flow_run_id: Any) -> dict[str, Any]:
     raise RuntimeError(f"train flow run {flow_run_id} completed without a {RESULT_KEY!r} artifact")
 
 
-@task(name="train on gpu pool", timeout_seconds=8 * 24 * HOUR)
-def dispatch_train(deployment: str, parameters: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+class TrainRunLost(RuntimeError):
+    """The train flow run crashed or went silent (no heartbeats): its worker or machine died, not the training.
+    Training is dispatched again, and resumes from the checkpoints in the worker's clone."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _last_sign_of_life(client: Any, run: FlowRun) -> datetime:
+    """When a running train flow run last showed it was alive: its latest heartbeat, else when it started."""
+    events = client.read_events(
+        EventFilter(
+            event=EventNameFilter(name=[HEARTBEAT_EVENT]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
+        ),
+        limit=1,
+    ).events
+    candidates = [e.occurred for e in events] + [t for t in (run.start_time, run.state and run.state.timestamp) if t]
+    return max(candidates)
+
+
+def _read_run(client: Any, run_id: UUID, outage_since: float | None) -> tuple[FlowRun | None, float | None]:
+    """The flow run, or None while the Prefect API is unreachable (a server restart), for up to API_OUTAGE_S."""
+    try:
+        return client.read_flow_run(run_id), None
+    except (httpx.TransportError, PrefectHTTPStatusError) as err:
+        if isinstance(err, PrefectHTTPStatusError) and err.response.status_code < 500:
+            raise
+        outage_since = outage_since or time.monotonic()
+        down_s = time.monotonic() - outage_since
+        if down_s > API_OUTAGE_S:
+            raise RuntimeError(
+                f"the Prefect API has not answered for {down_s:.0f}s while waiting on train flow run {run_id} "
+                f"(last error: {err}); the train run may still finish: check it, then rerun the pipeline"
+            ) from err
+        log().warning("Prefect API unreachable (%s); still waiting on train flow run %s", err, run_id)
+        return None, outage_since
+
+
+def wait_for_train(run_id: UUID, timeout_s: float | None, silence_s: float, poll_s: float = 2.0) -> FlowRun:
+    """Poll the train flow run until it ends; a run RUNNING without a heartbeat for `silence_s` is marked
+    CRASHED and raised as TrainRunLost; after `timeout_s` (None: no limit) a TimeoutError names the run."""
+    start, outage_since = time.monotonic(), None
+    with get_client(sync_client=True) as client:
+        while True:
+            run, outage_since = _read_run(client, run_id, outage_since)
+            if run is not None and run.state is not None and run.state.is_final():
+                return run
+            if run is not None and run.state is not None and run.state.is_running():
+                silent = (_now() - _last_sign_of_life(client, run)).total_seconds()
+                if silent > silence_s:
+                    message = (
+                        f"no heartbeat for {silent:.0f}s (limit train_silence_s={silence_s:.0f}): "
+                        "its worker or machine died; marked crashed by the pipeline"
+                    )
+                    client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+                    raise TrainRunLost(f"training flow run {run.name} ({run_id}): {message}")
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                state = run.state.name if run is not None and run.state else "unknown"
+                raise TimeoutError(f"training flow run {run_id} still {state} after train_timeout_s={timeout_s:.0f}")
+            time.sleep(poll_s)
+
+
+def _lost_train_run(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry the dispatch only when the train run was lost with its worker (not when training itself failed)."""
+    return isinstance(state.result(raise_on_failure=False), TrainRunLost)
+
+
+@task(
+    name="train on gpu pool",
+    timeout_seconds=8 * 24 * HOUR,
+    retries=2,
+    retry_delay_seconds=0,
+    retry_condition_fn=_lost_train_run,
+)
+def dispatch_train(
+    deployment: str, parameters: dict[str, Any], timeout_s: float | None, silence_s: float
+) -> dict[str, Any]:
     """Run the train deployment on whichever `gpu` worker takes it, wait, and return its result."""
-    run = run_deployment(deployment, parameters=parameters, timeout=timeout_s, poll_interval=1)
+    run = run_deployment(deployment, parameters=parameters, timeout=0)
+    log().info("training flow run %s (%s) dispatched to %s", run.name, run.id, deployment)
+    run = wait_for_train(run.id, timeout_s, silence_s)
     state = run.state
+    if state is not None and state.is_crashed():  # its process died (e.g. with its worker): not a training error
+        raise TrainRunLost(f"training flow run {run.name} ({run.id}) crashed: {state.message}")
     if state is None or not state.is_completed():
         detail = _failure_detail(run.id)
         name = state.name if state else "unknown"
@@ -136,11 +234,13 @@ def report(workdir: Path) -> str:
     return markdown
 
 
-def train_elsewhere(workdir: Path, deployment: str, parameters: dict[str, Any], timeout_s: float | None) -> str:
+def train_elsewhere(
+    workdir: Path, deployment: str, parameters: dict[str, Any], timeout_s: float | None, silence_s: float
+) -> str:
     """Send the train inputs through the DVC remote, train on the `gpu` pool, take the model back."""
     remote = parameters["remote"]
     inputs = push_inputs(workdir, remote)
-    result = dispatch_train(deployment, {**parameters, "inputs": inputs}, timeout_s)
+    result = dispatch_train(deployment, {**parameters, "inputs": inputs}, timeout_s, silence_s)
     receive_model(workdir, result, remote)
     if status(workdir, "train"):
         raise WorkspaceError(
@@ -158,6 +258,7 @@ def pipeline(
     remote: str | None = None,
     train_deployment: str | None = "train/train",
     train_timeout_s: float | None = None,
+    train_silence_s: float = 600,
     workdir: str | None = None,
     lock_wait_s: float = 600,
 ) -> dict[str, str]:
@@ -166,6 +267,8 @@ def pipeline(
     overrides: dotted params keys to values, e.g. {"data.tgt_lang": "de", "train.max_steps": 1000}.
     remote: the DVC remote (by name, from .dvc/config) that carries data to and from the GPU worker.
     train_deployment: the deployment that trains ("train/train", on the `gpu` pool); None trains here.
+    train_timeout_s: give up waiting for one train flow run after this long (None: no limit).
+    train_silence_s: a running train flow run without a heartbeat for this long is crashed and dispatched again.
     Returns {stage: 'ran' | 'skipped'}.
     """
     wd = resolve_workdir(workdir)
@@ -185,7 +288,7 @@ def pipeline(
                     done[stage] = "skipped"
                     continue
                 parameters = {"revision": commit, "overrides": overrides, "preset": preset, "remote": remote}
-                done[stage] = train_elsewhere(wd, train_deployment, parameters, train_timeout_s)
+                done[stage] = train_elsewhere(wd, train_deployment, parameters, train_timeout_s, train_silence_s)
             else:
                 done[stage] = STAGE_TASKS[stage](wd, stage)
             upstream_ran = upstream_ran or done[stage] != "skipped"

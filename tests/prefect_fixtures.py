@@ -1,19 +1,24 @@
 """Real Prefect servers and workers on 127.0.0.1 for the flow tests, and a tiny REST client for them.
 
-Processes, ports and the readiness deadline come from tests/servers.py.
+Processes, ports and the readiness deadline come from tests/servers.py. `start_stack` builds the topology
+the flow tests share: a server, pools `default` and `gpu`, a worker on each in its own clone of a toy
+project, and the deployments of prefect.yaml.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from tests.pipeline_fixtures import make_workspace, run, tiny_params, write_toy_corpus
 from tests.servers import SERVER_DEADLINE, Processes, free_port
 
 BIN = Path(sys.executable).parent
@@ -96,6 +101,8 @@ def prefect_env(base: dict[str, str], home: Path, api_url: str | None) -> dict[s
         PREFECT_WORKER_QUERY_SECONDS="2",
         PREFECT_WORKER_PREFETCH_SECONDS="5",
         PREFECT_LOGGING_COLORS="false",
+        # a busy SQLite database answers 503: on a loaded 2-core machine, 5 retries are not always enough
+        PREFECT_CLIENT_MAX_RETRIES="10",
         # the ephemeral server (no PREFECT_API_URL) gets the same patience as every server the tests start
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=str(int(SERVER_DEADLINE)),
     )
@@ -106,20 +113,26 @@ def prefect_env(base: dict[str, str], home: Path, api_url: str | None) -> dict[s
 
 
 def start_server(
-    procs: Processes, home: Path, env: dict[str, str], database_url: str | None = None
+    procs: Processes,
+    home: Path,
+    env: dict[str, str],
+    database_url: str | None = None,
+    port: int | None = None,
+    name: str = "server",
 ) -> tuple[str, subprocess.Popen]:
-    """`prefect server start` on a free port, its database SQLite under `home` unless `database_url` names
-    another; returns the API URL (see `wait_server`)."""
+    """`prefect server start` on `port` (default: a free one), its database SQLite under `home` unless
+    `database_url` names another; returns the API URL (see `wait_server`). The same `home` (or database)
+    and `port` again restart a stopped server where it was."""
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = prefect_env(env, home, None)
     env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url or f"sqlite+aiosqlite:///{home}/prefect.db"
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    return f"http://127.0.0.1:{port}/api", procs.start("server", cmd, home, env)
+    return f"http://127.0.0.1:{port}/api", procs.start(name, cmd, home, env)
 
 
-def wait_server(procs: Processes, api_url: str, proc: subprocess.Popen) -> None:
-    procs.wait_ready("server", proc, f"{api_url}/health")
+def wait_server(procs: Processes, api_url: str, proc: subprocess.Popen, name: str = "server") -> None:
+    procs.wait_ready(name, proc, f"{api_url}/health")
 
 
 def start_worker(procs: Processes, name: str, pool: str, workdir: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -159,3 +172,61 @@ def train_result(api: PrefectApi, run_id: str) -> dict[str, Any]:
         if artifact["key"] == "train-result":
             return parse_result_markdown(artifact["data"])
     raise AssertionError(f"train flow run {run_id} has no train-result artifact: {json.dumps(api.artifacts(run_id))}")
+
+
+@dataclass
+class Stack:
+    """The flow tests' topology: a Prefect server, an orchestrator clone (pool `default`) and a GPU clone
+    (pool `gpu`), each with its worker, a local DVC remote, and the MLflow tracking URI both clones use."""
+
+    root: Path
+    api: PrefectApi
+    env: dict[str, str]  # for git and DVC in the clones
+    prefect_env: dict[str, str]  # for Prefect clients and workers
+    orchestrator: Path
+    gpu: Path
+    remote: Path
+    tracking_uri: str
+    procs: Processes
+
+    def dvc(self, ws: Path, *args: str) -> str:
+        return run([sys.executable, "-m", "dvc", *args], ws, self.env).stdout
+
+    def run_pipeline(self, parameters: dict, timeout: float = 300) -> dict:
+        return self.api.wait(self.api.trigger("pipeline/pipeline", parameters), timeout)
+
+    def explain(self, flow_run: dict) -> str:
+        """Everything needed to see why a run ended as it did."""
+        workers = sorted(p.stem for p in self.procs.logs.glob("*worker*.log"))
+        return (
+            f"{flow_run['state_type']}: {flow_run['state']['message']}\n--- run log\n{self.api.logs(flow_run['id'])}"
+            + "".join(f"\n--- {name}\n{self.procs.log(name)[-3000:]}" for name in workers)
+        )
+
+    def registry_versions(self, name: str = "toy-en-fr") -> list[str]:
+        from mlflow import MlflowClient
+
+        return sorted(str(v.version) for v in MlflowClient(self.tracking_uri).search_model_versions(f"name='{name}'"))
+
+
+def start_stack(root: Path, procs: Processes, tracking_uri: str | None = None) -> Stack:
+    """Server, pools, workers and deployments (`deploy_with_two_workers`) for a toy project under `root`, the
+    DVC remote a local directory. MLflow is `tracking_uri` (default: a SQLite file under `root`)."""
+    api_url, server = start_server(procs, root / "prefect", dict(os.environ))
+    write_toy_corpus(root / "mirror")
+    params = tiny_params(root / "mirror")
+    tracking_uri = tracking_uri or f"sqlite:///{root}/mlflow.db"
+    params["mlflow"]["tracking_uri"] = tracking_uri
+    origin, env = make_workspace(root, params)
+    remote = root / "dvc-remote"
+    run([sys.executable, "-m", "dvc", "remote", "add", "--default", "local", str(remote)], origin, env)
+    run(["git", "commit", "-qam", "DVC remote"], origin, env)
+    clones = {}
+    for name in ("orchestrator", "gpu"):
+        clones[name] = root / name
+        run(["git", "clone", "-q", str(origin), str(clones[name])], root, env)
+    wait_server(procs, api_url, server)
+    penv = prefect_env(env, root / "prefect", api_url)
+    deploy_with_two_workers(procs, root, penv, clones["orchestrator"], clones["gpu"])
+    api = PrefectApi(api_url)
+    return Stack(root, api, env, penv, clones["orchestrator"], clones["gpu"], remote, tracking_uri, procs)

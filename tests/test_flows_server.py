@@ -11,82 +11,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.pipeline_fixtures import make_workspace, run, tiny_params, write_toy_corpus
-from tests.prefect_fixtures import (
-    PrefectApi,
-    deploy_with_two_workers,
-    prefect_env,
-    start_server,
-    train_result,
-    wait_server,
-)
+from tests.prefect_fixtures import Stack, start_stack, train_result
 from tests.servers import Processes, free_port
 
 pytestmark = pytest.mark.integration
 PY = sys.executable
 
 
-@dataclass
-class Stack:
-    root: Path
-    api: PrefectApi
-    env: dict[str, str]
-    orchestrator: Path
-    gpu: Path
-    remote: Path
-    tracking_uri: str
-    procs: Processes
-
-    def dvc(self, ws: Path, *args: str) -> str:
-        return run([PY, "-m", "dvc", *args], ws, self.env).stdout
-
-    def run_pipeline(self, parameters: dict, timeout: float = 300) -> dict:
-        return self.api.wait(self.api.trigger("pipeline/pipeline", parameters), timeout)
-
-    def explain(self, flow_run: dict) -> str:
-        """Everything needed to see why a run ended as it did."""
-        return (
-            f"{flow_run['state_type']}: {flow_run['state']['message']}\n--- run log\n{self.api.logs(flow_run['id'])}"
-            f"\n--- cpu worker\n{self.procs.log('cpu-worker')[-3000:]}"
-            f"\n--- gpu worker\n{self.procs.log('gpu-worker')[-3000:]}"
-        )
-
-    def registry_versions(self, name: str = "toy-en-fr") -> list[str]:
-        from mlflow import MlflowClient
-
-        return sorted(str(v.version) for v in MlflowClient(self.tracking_uri).search_model_versions(f"name='{name}'"))
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("flows")
     procs = Processes(root / "logs")
     try:
-        api_url, server = start_server(procs, root / "prefect", dict(os.environ))
-        write_toy_corpus(root / "mirror")
-        params = tiny_params(root / "mirror")
-        tracking_uri = f"sqlite:///{root}/mlflow.db"
-        params["mlflow"]["tracking_uri"] = tracking_uri
-        origin, env = make_workspace(root, params)
-        remote = root / "dvc-remote"
-        run([PY, "-m", "dvc", "remote", "add", "--default", "local", str(remote)], origin, env)
-        run(["git", "commit", "-qam", "DVC remote"], origin, env)
-        clones = {}
-        for name in ("orchestrator", "gpu"):
-            clones[name] = root / name
-            run(["git", "clone", "-q", str(origin), str(clones[name])], root, env)
-        wait_server(procs, api_url, server)
-        penv = prefect_env(env, root / "prefect", api_url)
-        deploy_with_two_workers(procs, root, penv, clones["orchestrator"], clones["gpu"])
-        yield Stack(root, PrefectApi(api_url), env, clones["orchestrator"], clones["gpu"], remote, tracking_uri, procs)
+        yield start_stack(root, procs)
     finally:
         procs.stop_all()
 
