@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
 from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
@@ -33,7 +32,6 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.client.schemas.objects import FlowRun, State, TaskRun
 from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-from prefect.exceptions import PrefectHTTPStatusError
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
@@ -57,7 +55,6 @@ from flows.workspace import (
 
 HOUR = 3600
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
-API_OUTAGE_S = 900  # how long the Prefect API may be unreachable (a server restart) while training is awaited
 TRAIN_INPUTS = ["tokenize"]  # the stages whose outputs the train stage reads (dvc.yaml deps)
 
 
@@ -141,34 +138,16 @@ def _last_sign_of_life(client: Any, run: FlowRun) -> datetime:
     return max(candidates)
 
 
-def _read_run(client: Any, run_id: UUID, outage_since: float | None) -> tuple[FlowRun | None, float | None]:
-    """The flow run, or None while the Prefect API is unreachable (a server restart), for up to API_OUTAGE_S."""
-    try:
-        return client.read_flow_run(run_id), None
-    except (httpx.TransportError, PrefectHTTPStatusError) as err:
-        if isinstance(err, PrefectHTTPStatusError) and err.response.status_code < 500:
-            raise
-        outage_since = outage_since or time.monotonic()
-        down_s = time.monotonic() - outage_since
-        if down_s > API_OUTAGE_S:
-            raise RuntimeError(
-                f"the Prefect API has not answered for {down_s:.0f}s while waiting on train flow run {run_id} "
-                f"(last error: {err}); the train run may still finish: check it, then rerun the pipeline"
-            ) from err
-        log().warning("Prefect API unreachable (%s); still waiting on train flow run %s", err, run_id)
-        return None, outage_since
-
-
 def wait_for_train(run_id: UUID, timeout_s: float | None, silence_s: float, poll_s: float = 2.0) -> FlowRun:
     """Poll the train flow run until it ends; a run RUNNING without a heartbeat for `silence_s` is marked
     CRASHED and raised as TrainRunLost; after `timeout_s` (None: no limit) a TimeoutError names the run."""
-    start, outage_since = time.monotonic(), None
+    start = time.monotonic()
     with get_client(sync_client=True) as client:
-        while True:
-            run, outage_since = _read_run(client, run_id, outage_since)
-            if run is not None and run.state is not None and run.state.is_final():
+        while True:  # a Prefect server restart meanwhile is ridden out by the client's own retries
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
                 return run
-            if run is not None and run.state is not None and run.state.is_running():
+            if run.state is not None and run.state.is_running():
                 silent = (_now() - _last_sign_of_life(client, run)).total_seconds()
                 if silent > silence_s:
                     message = (
@@ -178,7 +157,7 @@ def wait_for_train(run_id: UUID, timeout_s: float | None, silence_s: float, poll
                     client.set_flow_run_state(run_id, Crashed(message=message), force=True)
                     raise TrainRunLost(f"training flow run {run.name} ({run_id}): {message}")
             if timeout_s is not None and time.monotonic() - start > timeout_s:
-                state = run.state.name if run is not None and run.state else "unknown"
+                state = run.state.name if run.state else "unknown"
                 raise TimeoutError(f"training flow run {run_id} still {state} after train_timeout_s={timeout_s:.0f}")
             time.sleep(poll_s)
 
