@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -107,7 +107,11 @@ def kill_all_in(directory: Path) -> None:
         time.sleep(0.1)
 
 
-def wait_until(condition, what: str, timeout: float, alive: subprocess.Popen | None = None) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float, alive: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert alive is None or alive.poll() is None, f"{alive.args} exited while waiting for {what}"
@@ -119,50 +123,92 @@ def loss_history(tracking_uri: str, run_id: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, "loss"))
 
 
-def test_gpu_worker_killed_mid_training_the_pipeline_retrains_and_the_new_run_resumes_from_the_checkpoint(
-    stack: Stack,
-) -> None:
-    flow_run_id = stack.api.trigger("pipeline/pipeline", {"overrides": TRAIN, "train_silence_s": 45})
-    checkpoints = stack.gpu / "checkpoints"
+def mlflow_runs(stack: Stack) -> list[str]:
+    client = MlflowClient(stack.tracking_uri)
+    return [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+
+
+def start_training(stack: Stack, parameters: dict) -> tuple[str, Path]:
+    """Trigger the pipeline; return its flow run id once training wrote a checkpoint (a new recipe: a new
+    checkpoint directory in the gpu clone), and that directory."""
+    before = set(stack.gpu.glob("checkpoints/*"))
+    flow_run_id = stack.api.trigger("pipeline/pipeline", parameters)
 
     def checkpoint_written() -> bool:
         assert stack.api.flow_run(flow_run_id)["state_type"] not in FINAL_STATES, "the pipeline ended before the kill"
-        return any(checkpoints.glob("*/step-*.pt"))
+        return any(d not in before and any(d.glob("step-*.pt")) for d in stack.gpu.glob("checkpoints/*"))
 
     wait_until(checkpoint_written, "checkpoint in the gpu worker's clone", 240)
-    # the machine dies: the worker, its flow-run process (in a session of its own), dvc and the training
-    worker = process(stack, "gpu-worker")
-    kill_all_in(stack.gpu)
-    worker.wait()
-    stack.procs.procs.remove(("gpu-worker", worker))
-    [losses] = checkpoints.glob("*/losses.tsv")
-    killed_at = len(losses.read_text().splitlines()) - 1
-    assert 0 < killed_at < TRAIN["train.max_steps"], "killed mid-training"
+    [ckpt_dir] = set(stack.gpu.glob("checkpoints/*")) - before
+    return flow_run_id, ckpt_dir
 
-    start_worker(stack.procs, "gpu-worker-2", "gpu", stack.gpu, stack.prefect_env)
+
+def steps_logged(ckpt_dir: Path) -> list[int]:
+    """The steps in the checkpoint directory's losses.tsv, the local record of every step."""
+    return [int(line.split()[0]) for line in (ckpt_dir / "losses.tsv").read_text().splitlines()[1:]]
+
+
+def replace_gpu_worker(stack: Stack, kill: Callable[[subprocess.Popen], None], name: str, ckpt_dir: Path) -> int:
+    """Kill the gpu worker with `kill`, start worker `name` on the same clone; returns the last step logged."""
+    worker = next(p for n, p in stack.procs.procs if n.startswith("gpu-worker"))
+    kill(worker)
+    worker.wait()
+    stack.procs.procs = [(n, p) for n, p in stack.procs.procs if p is not worker]
+    start_worker(stack.procs, name, "gpu", stack.gpu, stack.prefect_env)
+    return max(steps_logged(ckpt_dir), default=0)
+
+
+def assert_resumed_once(stack: Stack, flow_run_id: str, ckpt_dir: Path, max_steps: int) -> tuple[dict, int]:
+    """The pipeline completed through a second train run that resumed from the checkpoint left in the gpu
+    clone, with every step once in losses.tsv and in one MLflow run; returns the lost train run and the step
+    the new one resumed from."""
     flow_run = stack.api.wait(flow_run_id, 400)
     assert flow_run["state_type"] == "COMPLETED", stack.explain(flow_run)
-
-    # Prefect: the orphaned train run was crashed by the pipeline, with the reason; one more run finished it
-    resumed, lost = stack.api.runs_of("train/train")
-    assert lost["state_type"] == "CRASHED" and "no heartbeat for" in lost["state"]["message"], lost["state"]
-    assert resumed["state_type"] == "COMPLETED"
+    resumed, lost = stack.api.runs_of("train/train")[:2]
+    assert lost["state_type"] == "CRASHED" and resumed["state_type"] == "COMPLETED"
     log = stack.api.logs(resumed["id"], wait_for="resuming from")
     # the checkpoint survived in the worker's clone: the new run started from it, not from step 0
-    resumed_from = int(re.search(r"resuming from checkpoints/\S+/step-\d+\.pt \(step (\d+),", log).group(1))
-    assert 0 < resumed_from <= killed_at
+    resumed_from = int(re.search(rf"resuming from checkpoints/{ckpt_dir.name}/step-\d+\.pt \(step (\d+),", log)[1])
+    assert 0 < resumed_from < max_steps
     result = train_result(stack.api, resumed["id"])
-    assert result["worker"] == "gpu-worker-2" and result["workdir"] == str(stack.gpu)
+    assert result["workdir"] == str(stack.gpu)
+    # nothing lost, nothing twice
+    assert steps_logged(ckpt_dir) == list(range(1, max_steps + 1))
+    assert loss_history(stack.tracking_uri, result["mlflow_run_id"]) == list(range(10, max_steps + 1, 10))
+    return lost, resumed_from
 
-    # nothing lost, nothing twice: every step once in the local record and in the one MLflow run
-    steps = [int(line.split()[0]) for line in losses.read_text().splitlines()[1:]]
-    assert steps == list(range(1, TRAIN["train.max_steps"] + 1))
-    run_id = result["mlflow_run_id"]
-    assert loss_history(stack.tracking_uri, run_id) == list(range(10, TRAIN["train.max_steps"] + 1, 10))
-    client = MlflowClient(stack.tracking_uri)
-    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])  # resumed, not a new run
-    assert run.info.run_id == run_id
-    assert stack.registry_versions() == ["1"]
+
+def test_gpu_worker_and_its_runs_killed_mid_training_the_pipeline_crashes_the_silent_run_and_resumes(
+    stack: Stack,
+) -> None:
+    """The machine dies: the worker, its flow-run process (a session of its own), dvc and the training, all
+    SIGKILLed. The train run stays RUNNING in Prefect; the pipeline finds no heartbeat and trains again."""
+    flow_run_id, ckpt_dir = start_training(stack, {"overrides": TRAIN, "train_silence_s": 45})
+    killed_at = replace_gpu_worker(stack, lambda worker: kill_all_in(stack.gpu), "gpu-worker-2", ckpt_dir)
+
+    lost, resumed_from = assert_resumed_once(stack, flow_run_id, ckpt_dir, TRAIN["train.max_steps"])
+    assert resumed_from <= killed_at < TRAIN["train.max_steps"]  # killed mid-training, resumed at a checkpoint
+    assert (
+        "no heartbeat for" in lost["state"]["message"] and "marked crashed by the pipeline" in lost["state"]["message"]
+    )
+    assert train_result(stack.api, stack.api.runs_of("train/train")[0]["id"])["worker"] == "gpu-worker-2"
+    assert len(mlflow_runs(stack)) == 1 and stack.registry_versions() == ["1"]  # resumed, not a new MLflow run
+
+
+def test_gpu_worker_killed_alone_its_flow_run_crashes_and_the_pipeline_resumes(stack: Stack) -> None:
+    """Only the worker's process group is SIGKILLed: its flow-run process loses its stdout and reports
+    itself CRASHED; the pipeline trains again and the new run resumes from the checkpoint."""
+    runs_before, versions_before = mlflow_runs(stack), stack.registry_versions()
+    max_steps = 500  # another recipe: a checkpoint directory of its own
+    flow_run_id, ckpt_dir = start_training(stack, {"overrides": {**TRAIN, "train.max_steps": max_steps}})
+    killed_at = replace_gpu_worker(stack, kill_group, "gpu-worker-3", ckpt_dir)
+
+    # the orphaned training may take a few more steps before its broken pipe stops it: no upper bound here
+    lost, _ = assert_resumed_once(stack, flow_run_id, ckpt_dir, max_steps)
+    assert killed_at < max_steps
+    assert "no heartbeat" not in lost["state"]["message"]  # it reported its own crash
+    assert len(mlflow_runs(stack)) == len(runs_before) + 1
+    assert len(stack.registry_versions()) == len(versions_before) + 1
 
 
 class HoldingProxy(ThreadingHTTPServer):
