@@ -22,7 +22,7 @@ import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from prefect import Task, flow, task
@@ -34,6 +34,7 @@ from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.runtime import flow_run
 from prefect.states import Crashed
+from pydantic import Field
 
 from flows.report import workspace_report
 from flows.train import RESULT_KEY, parse_result_markdown
@@ -236,10 +237,10 @@ def pipeline(
     revision: str | None = None,
     remote: str | None = None,
     train_deployment: str | None = "train/train",
-    train_timeout_s: float | None = None,
-    train_silence_s: float = 600,
+    train_timeout_s: Annotated[float, Field(gt=0)] | None = None,
+    train_silence_s: Annotated[float, Field(ge=30)] = 600,  # at least the train deployment's heartbeat period
     workdir: str | None = None,
-    lock_wait_s: float = 600,
+    lock_wait_s: Annotated[float, Field(ge=0)] = 600,
 ) -> dict[str, str]:
     """Build the pipeline at `revision` with params = committed params.yaml + `preset` + `overrides`.
 

@@ -249,3 +249,22 @@ def test_pipeline_flow_in_ephemeral_mode_then_a_no_op(tmp_path: Path) -> None:
     assert ratio < 5, out
     assert out["no_champion"] == {}
     assert out["champion"]["model_version"] == "1" and 0 <= out["champion"]["scores"]["toy_test"]["bleu"] <= 100
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ({"train_silence_s": 5}, "train_silence_s"),
+        ({"lock_wait_s": -1}, "lock_wait_s"),
+        ({"train_timeout_s": 0}, "train_timeout_s"),
+    ],
+)
+def test_pipeline_parameters_out_of_range_are_refused_naming_them(bad: dict, named: str) -> None:
+    """What Prefect checks before a pipeline run starts (a deployment's parameters arrive over the network)."""
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import pipeline
+
+    with pytest.raises(ParameterTypeError, match=f"- {named}: Input should be greater"):
+        pipeline.validate_parameters(bad)
+    assert pipeline.validate_parameters({"train_silence_s": 45})["train_silence_s"] == 45
