@@ -365,15 +365,10 @@ class LoadedVersion:
 
 def load_version(name: str, version: str, root: Path) -> LoadedVersion:
     """The version's files, checked against its registry tags, loaded with this installation's code."""
-    import mlflow.pyfunc
+    from seq2seq.registry import load_checked_pyfunc
 
-    from seq2seq.registry import check_ctranslate2_record, download_checked, use_installed_code
-
-    uri = f"models:/{name}/{version}"
-    checked = download_checked(uri, root)
-    check_ctranslate2_record(uri, checked)
-    use_installed_code(checked.model_dir)
-    return LoadedVersion(checked.model_dir, mlflow.pyfunc.load_model(str(checked.model_dir)).unwrap_python_model())
+    model_dir, model = load_checked_pyfunc(f"models:/{name}/{version}", root)
+    return LoadedVersion(model_dir, model.unwrap_python_model())
 
 
 def set_tags(client, name: str, version: str, tags: dict[str, str]) -> None:

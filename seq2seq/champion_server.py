@@ -57,17 +57,12 @@ def load(name: str, version: str) -> Served:
     """Download the version, check its files against the registry's tags (weights, CTranslate2 export), then
     load it as the pyfunc model with this installation's code (which checks the files against those records);
     the code stored with the version is not run."""
-    import mlflow.pyfunc
     from mlflow.pyfunc import scoring_server
 
-    from seq2seq.registry import check_ctranslate2_record, download_checked, use_installed_code
+    from seq2seq.registry import load_checked_pyfunc
 
-    uri = f"models:/{name}/{version}"
     files = tempfile.TemporaryDirectory(prefix=f"champion-{version}-")
-    checked = download_checked(uri, Path(files.name))
-    check_ctranslate2_record(uri, checked)
-    use_installed_code(checked.model_dir)
-    model = mlflow.pyfunc.load_model(str(checked.model_dir))
+    _, model = load_checked_pyfunc(f"models:/{name}/{version}", Path(files.name))
     backend = getattr(model.unwrap_python_model(), "backend", "pytorch")
     return Served(version, backend, scoring_server.init(model), files)
 

@@ -39,14 +39,6 @@ def redact_record(record: logging.LogRecord) -> logging.LogRecord:
     return record
 
 
-class RedactFilter(logging.Filter):
-    """A logging filter that redacts credentials in each record's formatted message."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        redact_record(record)
-        return True
-
-
 class _RedactingFactory:
     """A log record factory that redacts each record as it is made (wrapping the factory in place before)."""
 

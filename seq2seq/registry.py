@@ -4,8 +4,8 @@
 weights file against the version's `weights_sha256` tag (set by the export stage) and against the digest in
 the model's MLmodel file, and loads weights (torch `weights_only`), SentencePiece model and decoding options
 with this project's own code. nmt-translate and the evaluate-champion flow load models this way. The
-champion server and the deliver-champion flow load the pyfunc model after `download_checked` and
-`use_installed_code`: the installed code, over files checked against the registry. Only a plain
+champion server and the deliver-champion flow load the pyfunc model with `load_checked_pyfunc`: the
+installed code, over files checked against the registry. Only a plain
 `mlflow.pyfunc.load_model("models:/...")` (e.g. `mlflow models serve`) runs the code stored with the model,
 which checks the same digests itself.
 """
@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.serving import (
@@ -119,6 +120,18 @@ def download_checked(model_uri: str, dst: Path) -> CheckedModel:
     if expected is None:
         raise CheckpointError(f"{model_uri}: no {WEIGHTS_SHA256} recorded for its weights; export it again")
     return CheckedModel(model_dir, files, expected, recorded_in, tags)
+
+
+def load_checked_pyfunc(model_uri: str, dst: Path) -> tuple[Path, Any]:
+    """The version at a models:/ URI as the pyfunc model serving uses: downloaded into `dst`, checked against
+    the registry's tags (weights, CTranslate2 export) and loaded with this installation's code, not the code
+    stored with it. Returns (the model directory, the mlflow PyFuncModel)."""
+    import mlflow.pyfunc
+
+    checked = download_checked(model_uri, dst)
+    check_ctranslate2_record(model_uri, checked)
+    use_installed_code(checked.model_dir)
+    return checked.model_dir, mlflow.pyfunc.load_model(str(checked.model_dir))
 
 
 def use_installed_code(model_dir: Path) -> None:
