@@ -8,9 +8,9 @@ training text (both languages) drawn here with a fixed seed, on tokenize.num_thr
 core): its time and memory stop growing with the corpus, and the model is the same on every run
 (SentencePiece's own sampling is not: it differs from one process to the next).
 Encoding cuts every file into chunks of ENCODE_CHUNK_LINES lines for tokenize.processes worker processes
-(0 = every core); each worker encodes with its own copy of the model and sends back flat id arrays, which
-the main process appends to the outputs in order. The .bin/.idx files are the same whatever the number of
-processes.
+(0 = every core); each worker encodes with its own copy of the model, on one thread, and sends back flat id
+arrays, which the main process appends to the outputs in order. The .bin/.idx files are the same whatever
+the number of processes.
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def _start_encoder(model_path: str, dtype: str) -> None:
 def _encode_chunk(lines: LineRange) -> tuple[np.ndarray, np.ndarray]:
     """The chunk's sentences as (all ids back to back, length of each)."""
     assert _processor is not None and _dtype is not None, "_start_encoder runs first in every worker"
-    ids = _processor.encode(read_range(lines), out_type=int)
+    # One thread: the worker processes are the parallelism (SentencePiece's default would use every core in
+    # every worker, and one process would not be one core).
+    ids = _processor.encode(read_range(lines), out_type=int, num_threads=1)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=_dtype, count=int(lengths.sum()))
     return tokens, lengths
