@@ -77,7 +77,7 @@ class Pool:
 
     @classmethod
     def from_pairs(cls, en: list[str], fr: list[str]) -> Pool:
-        src, tgt = normalize(pd.Series(en, dtype="str"), "NFKC"), normalize(pd.Series(fr, dtype="str"), "NFKC")
+        src, tgt = pd.Series(normalize(en, "NFKC"), dtype="str"), pd.Series(normalize(fr, "NFKC"), dtype="str")
         n_src, n_tgt = src.str.count(" ") + 1, tgt.str.count(" ") + 1
         ok = (src != "") & (tgt != "") & (n_src <= 60) & (n_tgt <= 60)
         ok &= np.maximum(n_src, n_tgt) <= 2 * np.minimum(n_src, n_tgt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import multiprocessing.forkserver
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -104,6 +105,26 @@ def read_range(r: LineRange) -> list[str]:
     return lines
 
 
+def start_server(fn: Callable[..., Any], processes: int) -> None:
+    """Start, in the background, the server that `ordered_map(fn, ..., processes)` will fork its workers from.
+
+    Its start-up (a new interpreter importing fn's module) then runs beside whatever the caller does first,
+    such as cutting the inputs into ranges, instead of before the first chunk. Nothing to do for one process.
+    """
+    if worker_count(processes) > 1:
+        _preload(fn)
+        multiprocessing.forkserver.ensure_running()
+
+
+def _preload(fn: Callable[..., Any]) -> multiprocessing.context.BaseContext:
+    # forkserver: workers start from a clean process, not a copy of one whose threads (torch, pyarrow, rich's
+    # refresh) may hold locks; the module that defines fn is imported once, in the server, not in every worker.
+    context = multiprocessing.get_context("forkserver")
+    if fn.__module__ != "__main__":
+        context.set_forkserver_preload([fn.__module__])
+    return context
+
+
 def ordered_map(
     fn: Callable[[T], R],
     tasks: Iterable[T],
@@ -122,11 +143,7 @@ def ordered_map(
             initializer(*initargs)
         yield from map(fn, tasks)
         return
-    # forkserver: workers start from a clean process, not a copy of one whose threads (torch, pyarrow) may
-    # hold locks; the module that defines fn is imported once, in the server, not in every worker.
-    context = multiprocessing.get_context("forkserver")
-    if fn.__module__ != "__main__":
-        context.set_forkserver_preload([fn.__module__])
+    context = _preload(fn)
     pending: collections.deque[Future[R]] = collections.deque()
     with ProcessPoolExecutor(n, mp_context=context, initializer=initializer, initargs=initargs) as pool:
         try:

@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from seq2seq import cli, paths
 from seq2seq.config import CleanParams, Params, ParamsError, load_params
-from seq2seq.parallel import LineRange, aligned_ranges, ordered_map, range_bytes, read_range
+from seq2seq.parallel import LineRange, aligned_ranges, ordered_map, range_bytes, read_range, start_server
 from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, atomic_write, write_json
 
@@ -99,10 +98,9 @@ def _unicode_normalize(lines: pa.Array, form: str) -> pa.Array:
     return pc.replace_with_mask(lines, non_ascii, done)
 
 
-def normalize(lines: pd.Series, form: str) -> pd.Series:
-    """normalize_array for a pandas Series of strings."""
-    arr = normalize_array(pa.array(lines, type=pa.large_string()), form)
-    return pd.Series(pd.arrays.ArrowStringArray(arr), index=lines.index)
+def normalize(lines: Sequence[str], form: str) -> list[str]:
+    """normalize_array for Python strings."""
+    return normalize_array(pa.array(lines, type=pa.large_string()), form).to_pylist()
 
 
 def token_counts(lines: pa.Array) -> np.ndarray:
@@ -359,6 +357,7 @@ def clean(
     metrics_path: Path = paths.METRICS / "clean.json",
 ) -> dict:
     """Clean train, normalise dev/test, write outputs atomically (all or none) and return the metrics."""
+    start_server(_clean_chunk, params.clean.processes)  # the workers' server starts while the inputs are cut
     plan = plan_chunks(params, Path(raw_dir))
     # Every output is an atomic writer held open until all inputs are processed: an exception
     # anywhere (undecodable input) unwinds them all and leaves only the old files.

@@ -29,7 +29,7 @@ import sentencepiece as spm
 from seq2seq import cli, paths
 from seq2seq.config import Params, ParamsError, TokenizeParams, load_params
 from seq2seq.data import TokenArrayWriter, dtype_for
-from seq2seq.parallel import LineRange, line_ranges, ordered_map, range_bytes, read_range, worker_count
+from seq2seq.parallel import LineRange, line_ranges, ordered_map, range_bytes, read_range, start_server, worker_count
 from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, write_json
 from seq2seq.tokenizer import Tokenizer, train_sentencepiece
@@ -179,6 +179,7 @@ def tokenize(params: Params, clean_dir: Path = paths.CLEAN, out_dir: Path = path
     # Build into a sibling temp dir and swap at the end: a failure leaves the previous outputs intact.
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
+    start_server(_encode_chunk, p.processes)  # the encoding workers' server starts while SentencePiece trains
     try:
         t0 = time.perf_counter()
         train_model(list(texts["train"].values()), tmp_dir / "spm.model", p)
