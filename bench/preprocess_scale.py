@@ -269,28 +269,56 @@ class Timing:
     cpu_tree_s: float  # this process, its worker processes and their server
 
 
-def timed(run: Any) -> Timing:
-    """Run `run` (its progress lines silenced), timing the wall clock and the CPU of this process tree."""
-    baseline = {pid: _cpu_ticks(pid) for pid in _process_tree(os.getpid())}
-    sampler = TreeSampler(os.getpid())
-    sampler.start()
+def run_phase(phase: str, processes: int, work: Path, probe: Path) -> None:
+    """One phase of the two-process probe on `work`'s data, in this process (a fresh one, see `timed`); prints
+    its wall and this process's CPU seconds as JSON."""
+    from seq2seq.tokenizer import train_sentencepiece
+    from stages.clean import clean
+    from stages.tokenize import encode_files
+
+    params = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
+    tokenized, tok = work / "data/tokenized", params.tokenize
+    texts = {work / f"data/clean/train.{lang}": probe / f"train.{lang}" for lang in params.data.langs}
     wall, cpu = time.perf_counter(), time.process_time()
-    with contextlib.redirect_stderr(io.StringIO()):
-        run()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    with contextlib.redirect_stderr(io.StringIO()):  # progress lines
+        if phase == "clean":
+            p = params.model_copy(update={"clean": params.clean.model_copy(update={"processes": processes})})
+            clean(p, work / "data/raw", probe / "clean", probe / "clean.json")
+        elif phase == "sentencepiece":
+            args = (tok.vocab_size, tok.model_type, tok.character_coverage, 0, processes)
+            train_sentencepiece([probe / "sample.txt"], probe / "spm.model", *args)
+        else:
+            dtype = np.dtype(json.loads((tokenized / "meta.json").read_text())["dtype"])
+            encode_files(tokenized / "spm.model", texts, dtype, processes)
+    print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}))
+
+
+def timed(phase: str, processes: int, work: Path, probe: Path) -> Timing:
+    """`run_phase` in a fresh Python process, as `dvc repro` runs a stage: a process that did the work before
+    would start with its allocator's pages and caches warm, which flatters one process over workers that start
+    afresh. Wall and main-process CPU are the phase's own (not the interpreter's start-up); the CPU of the
+    worker processes and their server comes from /proc."""
+    cmd = [sys.executable, __file__, "--phase", phase, str(processes), str(work), str(probe)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    out, _ = proc.communicate()
     sampler.stop.set()
     sampler.join()
-    others = sum(t - baseline.get(pid, 0) for pid, t in sampler.ticks.items() if pid != os.getpid())
-    return Timing(wall, cpu, cpu + others / os.sysconf("SC_CLK_TCK"))
+    if proc.returncode:
+        raise RuntimeError(f"probe {phase} with {processes} failed ({proc.returncode})")
+    own = json.loads(out.decode().splitlines()[-1])
+    others = sum(t for pid, t in sampler.ticks.items() if pid != proc.pid) / os.sysconf("SC_CLK_TCK")
+    return Timing(own["wall_s"], own["cpu_s"], own["cpu_s"] + others)
 
 
-def best_of(repeats: int, runs: dict[str, Any]) -> dict[str, Timing]:
-    """The best of `repeats` timings of each callable (each figure its minimum), taking turns so that a busy
-    spell of the (shared) machine does not land on one of them only."""
-    timings: dict[str, list[Timing]] = {name: [] for name in runs}
+def best_of(repeats: int, phase: str, work: Path, probe: Path) -> dict[str, Timing]:
+    """The best of `repeats` timings of the phase with one and with two processes (each figure its minimum),
+    taking turns so that a busy spell of the (shared) machine does not land on one of them only."""
+    timings: dict[str, list[Timing]] = {"one": [], "two": []}
     for _ in range(repeats):
-        for name, run in runs.items():
-            timings[name].append(timed(run))
+        for name, processes in (("one", 1), ("two", 2)):
+            timings[name].append(timed(phase, processes, work, probe))
     return {
         name: Timing(*(min(getattr(t, f) for t in ts) for f in ("wall_s", "cpu_main_s", "cpu_tree_s")))
         for name, ts in timings.items()
@@ -300,36 +328,18 @@ def best_of(repeats: int, runs: dict[str, Any]) -> dict[str, Timing]:
 def two_process_speedup(n: int, root: Path, repeats: int = 3) -> dict[str, dict[str, float]]:
     """Speed-up of two processes (threads for SentencePiece) over one, per phase, through the stage functions on
     size n's data: clean, encoding with this run's model, and SentencePiece training on a 300k-sentence sample."""
-    from seq2seq.tokenizer import train_sentencepiece
-    from stages.clean import clean
-    from stages.tokenize import encode_files, sample_sentences
+    from stages.tokenize import sample_sentences
 
     work, probe = root / str(n), root / f"{n}-speedup"
     params = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
-    langs = params.data.langs
-    tokenized = work / "data/tokenized"
-    dtype = np.dtype(json.loads((tokenized / "meta.json").read_text())["dtype"])
-    texts = {work / f"data/clean/train.{lang}": probe / f"train.{lang}" for lang in langs}
-    sample = probe / "sample.txt"
     probe.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stderr(io.StringIO()):
-        sample_sentences(list(texts), 300_000, sample)
-    tok = params.tokenize
-
-    def cleaning(processes: int) -> Any:
-        p = params.model_copy(update={"clean": params.clean.model_copy(update={"processes": processes})})
-        return lambda: clean(p, work / "data/raw", probe / "clean", probe / "clean.json")
-
-    def training(threads: int) -> Any:
-        args = (tok.vocab_size, tok.model_type, tok.character_coverage, 0, threads)
-        return lambda: train_sentencepiece([sample], probe / "spm.model", *args)
-
-    def encoding(processes: int) -> Any:
-        return lambda: encode_files(tokenized / "spm.model", texts, dtype, processes)
-
+        sample_sentences(
+            [work / f"data/clean/train.{lang}" for lang in params.data.langs], 300_000, probe / "sample.txt"
+        )
     times = {
-        phase: best_of(repeats if phase != "sentencepiece" else 2, {"one": make(1), "two": make(2)})
-        for phase, make in (("clean", cleaning), ("sentencepiece", training), ("encode", encoding))
+        phase: best_of(repeats if phase != "sentencepiece" else 2, phase, work, probe)
+        for phase in ("clean", "sentencepiece", "encode")
     }
     shutil.rmtree(probe)
     speedup = {phase: {"measured": t["one"].wall_s / t["two"].wall_s} for phase, t in times.items()}
@@ -495,7 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--work", type=Path, help="work directory (default: a new temp dir, deleted at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the corpora and stage outputs")
+    ap.add_argument("--phase", nargs=4, metavar=("PHASE", "PROCESSES", "WORK", "PROBE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.phase:  # one timed run of the two-process probe (`timed`)
+        phase, processes, work, probe = args.phase
+        run_phase(phase, int(processes), Path(work), Path(probe))
+        return 0
     sizes = sorted(int(s) for s in args.sizes.split(","))
     scaling = args.scaling_size or (1_000_000 if 1_000_000 in sizes else sizes[-1])
     if scaling not in sizes:
