@@ -269,13 +269,14 @@ class Timing:
     cpu_tree_s: float  # this process, its worker processes and their server
 
 
-def run_phase(phase: str, processes: int, work: Path, probe: Path) -> None:
+def run_phase(phase: str, processes: int, work: Path | str, probe: Path | str) -> None:
     """One phase of the two-process probe on `work`'s data, in this process (a fresh one, see `timed`); prints
     its wall and this process's CPU seconds as JSON."""
     from seq2seq.tokenizer import train_sentencepiece
     from stages.clean import clean
     from stages.tokenize import encode_files
 
+    work, probe = Path(work), Path(probe)
     params = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
     tokenized, tok = work / "data/tokenized", params.tokenize
     texts = {work / f"data/clean/train.{lang}": probe / f"train.{lang}" for lang in params.data.langs}
@@ -298,8 +299,11 @@ def timed(phase: str, processes: int, work: Path, probe: Path) -> Timing:
     would start with its allocator's pages and caches warm, which flatters one process over workers that start
     afresh. Wall and main-process CPU are the phase's own (not the interpreter's start-up); the CPU of the
     worker processes and their server comes from /proc."""
-    cmd = [sys.executable, __file__, "--phase", phase, str(processes), str(work), str(probe)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    # `python -c`, not this script: worker processes import their parent's main script, and this one's imports
+    # (the synthetic corpus, pandas) would weigh on the workers as a stage's own do not.
+    code = f"from preprocess_scale import run_phase; run_phase({phase!r}, {processes}, {str(work)!r}, {str(probe)!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
     sampler = TreeSampler(proc.pid)
     sampler.start()
     out, _ = proc.communicate()
@@ -505,12 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--work", type=Path, help="work directory (default: a new temp dir, deleted at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the corpora and stage outputs")
-    ap.add_argument("--phase", nargs=4, metavar=("PHASE", "PROCESSES", "WORK", "PROBE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.phase:  # one timed run of the two-process probe (`timed`)
-        phase, processes, work, probe = args.phase
-        run_phase(phase, int(processes), Path(work), Path(probe))
-        return 0
     sizes = sorted(int(s) for s in args.sizes.split(","))
     scaling = args.scaling_size or (1_000_000 if 1_000_000 in sizes else sizes[-1])
     if scaling not in sizes:
