@@ -332,15 +332,14 @@ def best_of(repeats: int, phase: str, work: Path, probe: Path) -> dict[str, Timi
 def two_process_speedup(n: int, root: Path, repeats: int = 3) -> dict[str, dict[str, float]]:
     """Speed-up of two processes (threads for SentencePiece) over one, per phase, through the stage functions on
     size n's data: clean, encoding with this run's model, and SentencePiece training on a 300k-sentence sample."""
-    from stages.tokenize import sample_sentences
+    from stages.tokenize import sample_sentences, text_ranges
 
     work, probe = root / str(n), root / f"{n}-speedup"
     params = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
     probe.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stderr(io.StringIO()):
-        sample_sentences(
-            [work / f"data/clean/train.{lang}" for lang in params.data.langs], 300_000, probe / "sample.txt"
-        )
+        train_texts = text_ranges([work / f"data/clean/train.{lang}" for lang in params.data.langs])
+        sample_sentences([r for ranges in train_texts.values() for r in ranges], 300_000, probe / "sample.txt")
     times = {
         phase: best_of(repeats if phase != "sentencepiece" else 2, phase, work, probe)
         for phase in ("clean", "sentencepiece", "encode")

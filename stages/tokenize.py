@@ -51,33 +51,49 @@ def split_texts(params: Params, clean_dir: Path) -> dict[str, dict[str, Path]]:
 # --- SentencePiece training --------------------------------------------------------------------------
 
 
-def sample_sentences(texts: list[Path], size: int, out: Path, seed: int = SAMPLE_SEED) -> int:
-    """Write `size` lines drawn uniformly at random without replacement from all of `texts` to `out`, in file
-    order; returns how many (all lines if there are fewer)."""
-    ranges = [r for text in texts for r in line_ranges(text, ENCODE_CHUNK_LINES)]
+def text_ranges(texts: list[Path]) -> dict[Path, list[LineRange]]:
+    """Each text cut into ranges of ENCODE_CHUNK_LINES lines: one scan, shared by sampling and encoding."""
+    return {text: line_ranges(text, ENCODE_CHUNK_LINES) for text in texts}
+
+
+def sample_sentences(ranges: list[LineRange], size: int, out: Path, processes: int = 1, seed: int = SAMPLE_SEED) -> int:
+    """Write `size` lines drawn uniformly at random without replacement from all of `ranges` to `out`, in file
+    order, reading the ranges on `processes` worker processes; returns how many (all lines if there are fewer)."""
     total = sum(r.lines for r in ranges)
     size = min(size, total)
     chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
-    first = 0  # index of the range's first line among all lines of all texts
+    starts = np.cumsum([0] + [r.lines for r in ranges])  # index of each range's first line among all lines
+    tasks = [
+        (r, chosen[np.searchsorted(chosen, first) : np.searchsorted(chosen, first + r.lines)] - first)
+        for r, first in zip(ranges, starts[:-1].tolist(), strict=True)
+    ]
     with out.open("wb") as f, Progress("sample", total=total, unit="sentences") as progress:
-        for r in ranges:
-            picked = chosen[np.searchsorted(chosen, first) : np.searchsorted(chosen, first + r.lines)] - first
-            if len(picked):
-                lines = range_bytes(r).split(b"\n")
-                f.write(b"".join(lines[i].removesuffix(b"\r") + b"\n" for i in picked.tolist()))
-            first += r.lines
+        for (r, _), picked in zip(tasks, ordered_map(_pick_lines, tasks, processes), strict=True):
+            f.write(picked)
             progress.advance(r.lines)
     return size
 
 
-def train_model(train_text: list[Path], model_path: Path, p: TokenizeParams) -> None:
-    """Train the joint SentencePiece model on a sample of `train_text`, with progress while it runs."""
+def _pick_lines(task: tuple[LineRange, np.ndarray]) -> bytes:
+    """The lines of a range at the given 0-based indices, each with its newline."""
+    r, picked = task
+    if not len(picked):
+        return b""
+    lines = range_bytes(r).split(b"\n")
+    return b"".join(lines[i].removesuffix(b"\r") + b"\n" for i in picked.tolist())
+
+
+def train_model(train_text: dict[Path, list[LineRange]], model_path: Path, p: TokenizeParams) -> None:
+    """Train the joint SentencePiece model on a sample of `train_text` (each file's ranges), with progress while
+    it runs."""
     sample = model_path.with_name("spm-sample.txt")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     if p.input_sentence_size:
-        inputs, what = [sample], f"{sample_sentences(train_text, p.input_sentence_size, sample):,} sampled sentences"
+        ranges = [r for per_text in train_text.values() for r in per_text]
+        sampled = sample_sentences(ranges, p.input_sentence_size, sample, p.processes)
+        inputs, what = [sample], f"{sampled:,} sampled sentences"
     else:
-        inputs, what = train_text, "every sentence"
+        inputs, what = list(train_text), "every sentence"
     threads = worker_count(p.num_threads)
     try:
         with (
@@ -140,11 +156,16 @@ def _encode_chunk(lines: LineRange) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_files(
-    model_path: Path, texts: dict[Path, Path], dtype: np.dtype, processes: int
+    model_path: Path,
+    texts: dict[Path, Path],
+    dtype: np.dtype,
+    processes: int,
+    chunks: dict[Path, list[LineRange]] | None = None,
 ) -> dict[Path, dict[str, int]]:
-    """Encode each text file into `<prefix>.bin/.idx` (texts: text file -> output prefix); the sentences and
-    tokens of each."""
-    chunks = {text: line_ranges(text, ENCODE_CHUNK_LINES) for text in texts}
+    """Encode each text file into `<prefix>.bin/.idx` (texts: text file -> output prefix; chunks: their
+    `text_ranges`, if already cut); the sentences and tokens of each."""
+    known = chunks or {}
+    chunks = {text: known[text] if text in known else line_ranges(text, ENCODE_CHUNK_LINES) for text in texts}
     tasks = [r for ranges in chunks.values() for r in ranges]
     writers = {text: TokenArrayWriter(prefix, dtype) for text, prefix in texts.items()}
     try:
@@ -182,14 +203,15 @@ def tokenize(params: Params, clean_dir: Path = paths.CLEAN, out_dir: Path = path
     start_server(_encode_chunk, p.processes)  # the encoding workers' server starts while SentencePiece trains
     try:
         t0 = time.perf_counter()
-        train_model(list(texts["train"].values()), tmp_dir / "spm.model", p)
+        ranges = text_ranges([text for by_lang in texts.values() for text in by_lang.values()])
+        train_model({text: ranges[text] for text in texts["train"].values()}, tmp_dir / "spm.model", p)
         vocab_size = Tokenizer(tmp_dir / "spm.model").vocab_size
         spm_seconds = time.perf_counter() - t0
         dtype = dtype_for(vocab_size)
         outputs = {
             text: tmp_dir / f"{split}.{lang}" for split, by_lang in texts.items() for lang, text in by_lang.items()
         }
-        counts = encode_files(tmp_dir / "spm.model", outputs, dtype, p.processes)
+        counts = encode_files(tmp_dir / "spm.model", outputs, dtype, p.processes, ranges)
         meta: dict = {"vocab_size": vocab_size, "dtype": dtype.name, "langs": list(langs), "splits": {}}
         for split, by_lang in texts.items():
             meta["splits"][split] = {lang: counts[text] for lang, text in by_lang.items()}
