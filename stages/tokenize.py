@@ -34,7 +34,7 @@ from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, write_json
 from seq2seq.tokenizer import Tokenizer, train_sentencepiece
 
-ENCODE_CHUNK_LINES = 50_000  # lines per chunk of encoding work
+ENCODE_CHUNK_LINES = 10_000  # lines per chunk of encoding work (1M pairs, 2 processes: 8.7 s; 9.2 s at 50k)
 SAMPLE_SEED = 1
 
 
