@@ -124,10 +124,16 @@ class HashSet:
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         """Boolean mask: which of `hashes` are in the set."""
-        found = np.zeros(len(hashes), dtype=bool)
+        # Looked up in sorted order: each search starts where the last one ended and the runs are read
+        # front to back, about 4x faster than random lookups into runs of millions.
+        order = np.argsort(hashes)
+        queries = hashes[order]
+        found_sorted = np.zeros(len(hashes), dtype=bool)
         for run in self._runs:
-            pos = np.searchsorted(run, hashes).clip(max=len(run) - 1)
-            found |= run[pos] == hashes
+            pos = np.searchsorted(run, queries).clip(max=len(run) - 1)
+            found_sorted |= run[pos] == queries
+        found = np.empty_like(found_sorted)
+        found[order] = found_sorted
         return found
 
     def add(self, hashes: np.ndarray) -> None:
@@ -237,7 +243,12 @@ class Lines:
         """The lines where `keep` is true, as one block."""
         if keep.all():
             return self.data
-        return np.frombuffer(self.data, dtype=np.uint8)[np.repeat(keep, self.sizes)].tobytes()
+        # Copied as runs of consecutive kept lines: few runs, as only duplicates of earlier chunks go here.
+        ends = np.cumsum(self.sizes)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.view(np.int8), [0]])))  # run i: lines edges[2i]..
+        firsts, lasts = edges[0::2], edges[1::2] - 1
+        data = memoryview(self.data)
+        return b"".join(data[start:end] for start, end in zip((ends - self.sizes)[firsts], ends[lasts], strict=True))
 
 
 class ChunkCleaner:

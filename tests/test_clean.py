@@ -20,7 +20,7 @@ import yaml
 from seq2seq.config import Params, ParamsError, parse_params
 from seq2seq.parallel import line_ranges, read_range
 from seq2seq.textio import TextFormatError
-from stages.clean import HashSet, arrow_lines, clean, normalize
+from stages.clean import HashSet, Lines, arrow_lines, clean, normalize
 from tests.pipeline_fixtures import committed_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +105,15 @@ def test_normalize_agrees_with_pure_python_on_every_code_point() -> None:
 
     got = normalize(lines, "none")
     assert got == [reference(line) for line in lines]
+
+
+def test_lines_select_keeps_exactly_the_chosen_lines_in_order() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        lines = [bytes(rng.integers(97, 100, rng.integers(0, 5)).astype(np.uint8)) for _ in range(rng.integers(1, 30))]
+        keep = rng.random(len(lines)) < rng.random()
+        want = b"".join(line + b"\n" for line, k in zip(lines, keep, strict=True) if k)
+        assert Lines.of(lines).select(keep) == want
 
 
 # --- train rules -----------------------------------------------------------------------------
