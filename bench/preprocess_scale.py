@@ -339,7 +339,7 @@ def two_process_speedup(n: int, root: Path, repeats: int = 3) -> dict[str, dict[
     probe.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stderr(io.StringIO()):
         train_texts = text_ranges([work / f"data/clean/train.{lang}" for lang in params.data.langs])
-        sample_sentences([r for ranges in train_texts.values() for r in ranges], 300_000, probe / "sample.txt")
+        sample_sentences(train_texts, 300_000, probe / "sample.txt")
     times = {
         phase: best_of(repeats if phase != "sentencepiece" else 2, phase, work, probe)
         for phase in ("clean", "sentencepiece", "encode")

@@ -56,9 +56,13 @@ def text_ranges(texts: list[Path]) -> dict[Path, list[LineRange]]:
     return {text: line_ranges(text, ENCODE_CHUNK_LINES) for text in texts}
 
 
-def sample_sentences(ranges: list[LineRange], size: int, out: Path, processes: int = 1, seed: int = SAMPLE_SEED) -> int:
-    """Write `size` lines drawn uniformly at random without replacement from all of `ranges` to `out`, in file
-    order, reading the ranges on `processes` worker processes; returns how many (all lines if there are fewer)."""
+def sample_sentences(
+    texts: dict[Path, list[LineRange]], size: int, out: Path, processes: int = 1, seed: int = SAMPLE_SEED
+) -> int:
+    """Write `size` lines drawn uniformly at random without replacement from all lines of `texts` (each file's
+    `text_ranges`) to `out`, in file order, reading the ranges on `processes` worker processes; returns how many
+    (all lines if there are fewer)."""
+    ranges = [r for per_text in texts.values() for r in per_text]
     total = sum(r.lines for r in ranges)
     size = min(size, total)
     chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
@@ -89,8 +93,7 @@ def train_model(train_text: dict[Path, list[LineRange]], model_path: Path, p: To
     sample = model_path.with_name("spm-sample.txt")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     if p.input_sentence_size:
-        ranges = [r for per_text in train_text.values() for r in per_text]
-        sampled = sample_sentences(ranges, p.input_sentence_size, sample, p.processes)
+        sampled = sample_sentences(train_text, p.input_sentence_size, sample, p.processes)
         inputs, what = [sample], f"{sampled:,} sampled sentences"
     else:
         inputs, what = list(train_text), "every sentence"
@@ -164,9 +167,8 @@ def encode_files(
 ) -> dict[Path, dict[str, int]]:
     """Encode each text file into `<prefix>.bin/.idx` (texts: text file -> output prefix; chunks: their
     `text_ranges`, if already cut); the sentences and tokens of each."""
-    known = chunks or {}
-    chunks = {text: known[text] if text in known else line_ranges(text, ENCODE_CHUNK_LINES) for text in texts}
-    tasks = [r for ranges in chunks.values() for r in ranges]
+    chunks = chunks if chunks is not None else text_ranges(list(texts))
+    tasks = [r for text in texts for r in chunks[text]]
     writers = {text: TokenArrayWriter(prefix, dtype) for text, prefix in texts.items()}
     try:
         with Progress("encode", total=sum(r.lines for r in tasks), unit="sentences") as progress:
