@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 
 from seq2seq.config import Params, ParamsError, parse_params
 from seq2seq.parallel import line_ranges, read_range
 from seq2seq.textio import TextFormatError
-from stages.clean import HashSet, Lines, arrow_lines, clean, normalize
+from stages.clean import HashSet, Lines, arrow_lines, clean, normalize, token_counts
 from tests.pipeline_fixtures import committed_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +115,41 @@ def test_lines_select_keeps_exactly_the_chosen_lines_in_order() -> None:
         keep = rng.random(len(lines)) < rng.random()
         want = b"".join(line + b"\n" for line, k in zip(lines, keep, strict=True) if k)
         assert Lines.of(lines).select(keep) == want
+
+
+def test_token_counts_are_the_space_separated_words_of_each_line() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        words = [rng.integers(0, 6) for _ in range(rng.integers(1, 20))]  # per line
+        lines = [" ".join("ab"[: rng.integers(1, 3)] for _ in range(n)) for n in words]
+        want = [len(line.split(" ")) if line else 0 for line in lines]
+        start = int(rng.integers(0, len(lines)))  # a sliced array starts inside its buffers
+        for type_ in (pa.large_string(), pa.string()):
+            array = pa.array(lines, type=type_)
+            assert token_counts(array).tolist() == want
+            assert token_counts(array.slice(start)).tolist() == want[start:]
+
+
+def test_a_worker_cleans_a_chunk_without_importing_pandas(tmp_path: Path) -> None:
+    """pandas takes 0.2 s to import, in each worker process; pyarrow imports it for pa.array, str scalars and
+    to_numpy, so the worker's path must use none of them."""
+    write_splits(tmp_path, ["a  b\u00a0c", "é d", "é d", ""], ["x y", "\u200bz é", "\u200bz é", "w"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_raw()), encoding="utf-8")
+    script = f"""
+import sys
+from pathlib import Path
+from seq2seq.config import load_params
+from seq2seq.parallel import aligned_ranges
+from stages.clean import ChunkCleaner, ChunkTask
+tmp = Path({str(tmp_path)!r})
+ranges = aligned_ranges(tmp / "{TRAIN}.en", tmp / "{TRAIN}.fr", 10)[0]
+chunk = ChunkCleaner(load_params(tmp / "params.yaml")).clean(ChunkTask(*ranges, train=True))
+assert chunk.dropped["duplicate"] == 1 and chunk.dropped["empty"] == 1, chunk
+print("pandas" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 # --- train rules -----------------------------------------------------------------------------
