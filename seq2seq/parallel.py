@@ -25,6 +25,7 @@ from seq2seq.textio import TextFormatError
 T = TypeVar("T")
 R = TypeVar("R")
 BLOCK_BYTES = 1 << 22  # read size of the newline scan
+NEWLINE_WINDOW = 1 << 16  # bytes of a block whose newlines are counted at once
 
 
 def worker_count(processes: int) -> int:
@@ -51,16 +52,18 @@ def line_ranges(path: Path, lines_per_range: int) -> list[LineRange]:
     last = b"\n"
     with path.open("rb") as f:
         while block := f.read(BLOCK_BYTES):
-            newlines = block.count(b"\n")
-            if pending + newlines >= lines_per_range:  # a range ends in this block: find exactly where
-                ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == ord("\n"))
-                for i in range(lines_per_range - pending - 1, len(ends), lines_per_range):
-                    end = offset + int(ends[i]) + 1
-                    ranges.append(LineRange(path, start, end, len(ranges) * lines_per_range + 1, lines_per_range))
-                    start = end
+            # Newlines are counted a window at a time; only in a window where a range ends does numpy list them
+            # all to find exactly where (listing every newline of the file took as long as counting them).
+            for window_start in range(0, len(block), NEWLINE_WINDOW):
+                window_end = min(window_start + NEWLINE_WINDOW, len(block))
+                newlines = block.count(b"\n", window_start, window_end)
+                if pending + newlines >= lines_per_range:
+                    window = np.frombuffer(block, dtype=np.uint8, count=window_end - window_start, offset=window_start)
+                    ends = offset + window_start + np.flatnonzero(window == ord("\n")) + 1
+                    for end in ends[lines_per_range - pending - 1 :: lines_per_range].tolist():
+                        ranges.append(LineRange(path, start, end, len(ranges) * lines_per_range + 1, lines_per_range))
+                        start = end
                 pending = (pending + newlines) % lines_per_range
-            else:
-                pending += newlines
             offset += len(block)
             last = block[-1:]
     if offset > start:  # the lines after the last full range, the last one perhaps without a newline

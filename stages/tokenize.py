@@ -55,35 +55,38 @@ def text_ranges(texts: list[Path]) -> dict[Path, list[LineRange]]:
     return {text: line_ranges(text, ENCODE_CHUNK_LINES) for text in texts}
 
 
-def sample_sentences(
-    texts: dict[Path, list[LineRange]], size: int, out: Path, processes: int = 1, seed: int = SAMPLE_SEED
-) -> int:
+def sample_sentences(texts: dict[Path, list[LineRange]], size: int, out: Path, seed: int = SAMPLE_SEED) -> int:
     """Write `size` lines drawn uniformly at random without replacement from all lines of `texts` (each file's
-    `text_ranges`) to `out`, in file order, reading the ranges on `processes` worker processes; returns how many
-    (all lines if there are fewer)."""
+    `text_ranges`) to `out`, in file order; returns how many (all lines if there are fewer).
+
+    In this process: reading a range and cutting out its picked lines takes about a millisecond, less than
+    handing it to a worker process and back (4M pairs: 0.6 s here, 1.2-1.3 s on two worker processes).
+    """
     ranges = [r for per_text in texts.values() for r in per_text]
     total = sum(r.lines for r in ranges)
     size = min(size, total)
     chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
-    starts = np.cumsum([0] + [r.lines for r in ranges])  # index of each range's first line among all lines
-    tasks = [
-        (r, chosen[np.searchsorted(chosen, first) : np.searchsorted(chosen, first + r.lines)] - first)
-        for r, first in zip(ranges, starts[:-1].tolist(), strict=True)
-    ]
+    first_lines = np.cumsum([0] + [r.lines for r in ranges])  # index of each range's first line among all lines
     with out.open("wb") as f, Progress("sample", total=total, unit="sentences") as progress:
-        for (r, _), picked in zip(tasks, ordered_map(_pick_lines, tasks, processes), strict=True):
-            f.write(picked)
+        for r, first in zip(ranges, first_lines[:-1].tolist(), strict=True):
+            picked = chosen[np.searchsorted(chosen, first) : np.searchsorted(chosen, first + r.lines)] - first
+            f.write(pick_lines(r, picked))
             progress.advance(r.lines)
     return size
 
 
-def _pick_lines(task: tuple[LineRange, np.ndarray]) -> bytes:
-    """The lines of a range at the given 0-based indices, each with its newline."""
-    r, picked = task
+def pick_lines(r: LineRange, picked: np.ndarray) -> bytes:
+    """The lines of a range at the given 0-based indices (sorted), each with its newline."""
     if not len(picked):
         return b""
-    lines = range_bytes(r).split(b"\n")
-    return b"".join(lines[i].removesuffix(b"\r") + b"\n" for i in picked.tolist())
+    data = range_bytes(r)
+    # Where each line ends, found by numpy: a bytes object only for each picked line, not for every line.
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+    if len(ends) < r.lines:  # the file's last line, without a newline
+        ends = np.append(ends, len(data))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    spans = zip(starts[picked].tolist(), ends[picked].tolist(), strict=True)
+    return b"".join(data[start:end].removesuffix(b"\r") + b"\n" for start, end in spans)
 
 
 def train_model(train_text: dict[Path, list[LineRange]], model_path: Path, p: TokenizeParams) -> None:
@@ -92,7 +95,7 @@ def train_model(train_text: dict[Path, list[LineRange]], model_path: Path, p: To
     sample = model_path.with_name("spm-sample.txt")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     if p.input_sentence_size:
-        sampled = sample_sentences(train_text, p.input_sentence_size, sample, p.processes)
+        sampled = sample_sentences(train_text, p.input_sentence_size, sample)
         inputs, what = [sample], f"{sampled:,} sampled sentences"
     else:
         inputs, what = list(train_text), "every sentence"

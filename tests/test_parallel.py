@@ -1,4 +1,5 @@
-"""Line-aligned byte ranges, the ordered process map, and progress lines without a terminal."""
+"""Line-aligned byte ranges (and the SentencePiece sample drawn from them), the ordered process map, and progress
+lines without a terminal."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import itertools
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from seq2seq import parallel
 from seq2seq.parallel import aligned_ranges, line_ranges, ordered_map, read_range
 from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, read_lines
+from stages.tokenize import SAMPLE_SEED, sample_sentences
 
 
 @pytest.mark.parametrize(
@@ -19,10 +22,13 @@ from seq2seq.textio import TextFormatError, read_lines
     [b"", b"\n", b"a\nb\nc\n", b"a\nb\nc", b"one\r\ntwo\r\n\r\nfour", b"\n\n\n\n\n\n\n", "é\nü\n€\n".encode()],
 )
 @pytest.mark.parametrize("per_range", [1, 2, 3, 100])
+@pytest.mark.parametrize("block_bytes, window", [(2, 1), (5, 2), (1 << 22, 3)])
 def test_ranges_hold_every_line_once_as_read_lines_sees_them(
-    tmp_path: Path, data: bytes, per_range: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data: bytes, per_range: int, block_bytes: int, window: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(parallel, "BLOCK_BYTES", 2)  # ranges that end inside, at and across read blocks
+    # ranges that end inside, at and across read blocks, and in any newline search window of a block
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(parallel, "NEWLINE_WINDOW", window)
     path = tmp_path / "text"
     path.write_bytes(data)
     ranges = line_ranges(path, per_range)
@@ -31,6 +37,22 @@ def test_ranges_hold_every_line_once_as_read_lines_sees_them(
     assert all(r.lines == per_range for r in ranges[:-1])
     assert [r.first_line for r in ranges] == [1 + i * per_range for i in range(len(ranges))]
     assert all(a.end == b.start for a, b in itertools.pairwise(ranges))  # contiguous: no byte read twice or skipped
+
+
+@pytest.mark.parametrize("size", [0, 1, 4, 9, 100])
+def test_the_sentencepiece_sample_is_exactly_the_chosen_lines(tmp_path: Path, size: int) -> None:
+    texts = {
+        tmp_path / "train.en": b"one\r\ntwo\n\nfour\nfive",
+        tmp_path / "train.fr": "un\ndeux\n\xe9\nquatre\n".encode(),
+    }
+    for path, data in texts.items():
+        path.write_bytes(data)
+    lines = [line for path in texts for line in read_lines(path)]  # 9 lines in all
+    chosen = np.sort(np.random.default_rng(SAMPLE_SEED).choice(len(lines), min(size, len(lines)), replace=False))
+
+    out = tmp_path / "sample.txt"
+    assert sample_sentences({path: line_ranges(path, 2) for path in texts}, size, out) == len(chosen)
+    assert out.read_bytes() == "".join(lines[i] + "\n" for i in chosen).encode()
 
 
 def test_invalid_utf8_is_named_by_file_and_line(tmp_path: Path) -> None:
