@@ -65,11 +65,24 @@ def test_invalid_utf8_is_named_by_file_and_line(tmp_path: Path) -> None:
         read_range(third_range)
 
 
-def test_aligned_ranges_name_both_files_when_line_counts_differ(tmp_path: Path) -> None:
-    (tmp_path / "a.en").write_text("1\n2\n3\n")
-    (tmp_path / "a.fr").write_text("1\n2\n")
-    with pytest.raises(TextFormatError, match=r"a\.fr ends after 2 lines but .*a\.en has a line 3"):
-        aligned_ranges(tmp_path / "a.en", tmp_path / "a.fr", 2)
+@pytest.mark.parametrize("n_en, n_fr, per_range", [(3, 2, 2), (2, 3, 2), (10, 7, 3), (7, 10, 3), (9, 8, 3), (1, 0, 5)])
+def test_aligned_ranges_name_both_files_when_line_counts_differ(
+    tmp_path: Path, n_en: int, n_fr: int, per_range: int
+) -> None:
+    (tmp_path / "a.en").write_text("".join(f"{i}\n" for i in range(n_en)))
+    (tmp_path / "a.fr").write_text("".join(f"{i}\n" for i in range(n_fr)))
+    short, long_ = ("en", "fr") if n_en < n_fr else ("fr", "en")
+    n = min(n_en, n_fr)
+    with pytest.raises(TextFormatError, match=rf"a\.{short} ends after {n} lines but .*a\.{long_} has a line {n + 1}"):
+        list(aligned_ranges(tmp_path / "a.en", tmp_path / "a.fr", per_range))
+
+
+def test_aligned_ranges_are_the_two_files_ranges_side_by_side(tmp_path: Path) -> None:
+    (tmp_path / "a.en").write_text("".join(f"{i}\n" for i in range(10)))
+    (tmp_path / "a.fr").write_text("".join(f"ligne {i}\n" for i in range(9)) + "la dernière")
+    pairs = list(aligned_ranges(tmp_path / "a.en", tmp_path / "a.fr", 3))
+    assert pairs == list(zip(line_ranges(tmp_path / "a.en", 3), line_ranges(tmp_path / "a.fr", 3), strict=True))
+    assert [r.lines for r, _ in pairs] == [3, 3, 3, 1]
 
 
 def _square(x: int) -> int:
