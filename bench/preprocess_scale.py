@@ -22,10 +22,11 @@ accounting (wall >= the main process's CPU and >= half of all the CPU), which lo
 cannot blur.
 
 Projection to full WMT'14 (40.8M pairs en-fr, 4.5M en-de): each phase's wall time is fitted as a + b * N over
-the sizes (SentencePiece training over the sizes where its sample size is reached), evaluated at the real
-size; 16 cores scale each phase by Amdahl's law with the serial share implied by its two-process speed-up
-(CPU-accounted for clean and encoding, measured for SentencePiece; download is serial). Network transfer
-time is not included (the archives are about 6.6 GB en-fr).
+the sizes and evaluated at the real size, except SentencePiece training, a constant once its sample size is
+reached (the mean over those sizes); 16 cores scale each phase by Amdahl's law with the serial share implied
+by its two-process speed-up (CPU-accounted for clean and encoding, measured for SentencePiece training;
+download and the sampling are serial). Network transfer time is not included (the archives are about 6.6 GB
+en-fr).
 
 Batches: token_batches for one epoch of 4M pairs (the largest size's real lengths, repeated as needed) at
 train.max_tokens, on one core; and the share of a training step spent getting the next batch on the CPU
@@ -224,19 +225,22 @@ def encode_limit(model: Path, clean_dir: Path, langs: tuple[str, str]) -> float:
 class SizeResult:
     pairs: int
     runs: dict[str, StageRun]
-    spm_s: float  # SentencePiece sampling + training, inside tokenize
+    spm_s: float  # SentencePiece: cutting the texts into ranges, sampling, training, inside tokenize
+    spm_train_s: float  # of it, SentencePiece's trainer
     spm_sentences: int  # sentences it trained on
     limit_s: float
     kept_pairs: int
     disk_bytes: dict[str, int]  # per output directory of the data stages
 
     def phases(self) -> dict[str, float]:
-        """Wall seconds per phase: download, clean, SentencePiece, encoding (the rest of tokenize)."""
+        """Wall seconds per phase: download, clean, the SentencePiece sample (ranges and sampling), its training,
+        and encoding (the rest of tokenize)."""
         tokenize = self.runs["tokenize"].wall_s
         return {
             "download": self.runs["download"].wall_s,
             "clean": self.runs["clean"].wall_s,
-            "sentencepiece": self.spm_s,
+            "sample": self.spm_s - self.spm_train_s,
+            "sentencepiece": self.spm_train_s,
             "encode": tokenize - self.spm_s,
         }
 
@@ -253,7 +257,10 @@ def measure(n: int, root: Path) -> SizeResult:
     limit = encode_limit(work / "data/tokenized/spm.model", work / "data/clean", langs)
     sentences = min(params.tokenize.input_sentence_size or 2 * kept, 2 * kept)
     disk = {name: _du(work / "data" / name) for name in ("downloads", "raw", "clean", "tokenized")}
-    result = SizeResult(n, runs, meta["seconds"]["sentencepiece"], sentences, limit, kept, disk)
+    seconds = meta["seconds"]
+    result = SizeResult(
+        n, runs, seconds["sentencepiece"], seconds["sentencepiece_training"], sentences, limit, kept, disk
+    )
     assert corpus["pairs"] == n
     return result
 
@@ -462,12 +469,16 @@ def amdahl(seconds_2: float, speedup_2: float, cores: int) -> float:
 def project(results: list[SizeResult], speedup: dict[str, float], input_sentence_size: int) -> dict[str, float]:
     """Hours of the data path for full WMT'14 en-fr and en-de on 2 and 16 cores."""
     fits = {}
-    for phase in ("download", "clean", "sentencepiece", "encode"):
-        use = results
-        if phase == "sentencepiece":  # once the sample size is reached, only the sampling read grows
-            use = [r for r in results if r.spm_sentences >= input_sentence_size] or results
-        fits[phase] = fit([r.pairs for r in use], [r.phases()[phase] for r in use])
-    speedup = {"download": 1.0, **speedup}
+    for phase in ("download", "clean", "sample", "encode"):
+        fits[phase] = fit([r.pairs for r in results], [r.phases()[phase] for r in results])
+    # SentencePiece trains on a sample of a fixed size once the corpus has that many sentences: a constant, the
+    # mean over those sizes (a line through two noisy points would give it a slope it does not have).
+    full = [r.phases()["sentencepiece"] for r in results if r.spm_sentences >= input_sentence_size]
+    if full:
+        fits["sentencepiece"] = (float(np.mean(full)), 0.0)
+    else:
+        fits["sentencepiece"] = fit([r.pairs for r in results], [r.phases()["sentencepiece"] for r in results])
+    speedup = {"download": 1.0, "sample": 1.0, **speedup}
     out = {}
     for name, pairs in (("enfr", WMT14_ENFR), ("ende", WMT14_ENDE)):
         two = {phase: a + b * pairs for phase, (a, b) in fits.items()}
@@ -489,7 +500,11 @@ def report_size(r: SizeResult) -> None:
             f"peak RSS {run.peak_rss_mb:7,.0f} MB (PSS {run.peak_pss_mb:7,.0f} MB)  load {run.loadavg:.1f}",
             flush=True,
         )
-    print(f"  tokenize: SentencePiece (sample + train) {r.spm_s:.1f} s on {r.spm_sentences:,} sentences", flush=True)
+    print(
+        f"  tokenize: SentencePiece {r.spm_s:.1f} s: ranges and sample {r.spm_s - r.spm_train_s:.1f} s,"
+        f" training {r.spm_train_s:.1f} s on {r.spm_sentences:,} sentences",
+        flush=True,
+    )
     print(
         f"  limit: raw encode of the cleaned lines {r.limit_s:.1f} s = {r.pairs / r.limit_s:,.0f} pairs/s", flush=True
     )
