@@ -89,6 +89,16 @@ def range_bytes(r: LineRange) -> bytes:
         return f.read(r.end - r.start)
 
 
+def line_offsets(data: bytes) -> np.ndarray:
+    """Where each line of `data` (a range's bytes) starts, then where the last one ends: line i is
+    data[offsets[i] : offsets[i + 1]], its newline included (the file's last line may have none). Found by numpy,
+    without a Python object per line."""
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n")) + 1
+    if not data.endswith(b"\n"):
+        ends = np.append(ends, len(data))  # the file's last line, without a newline
+    return np.concatenate([[0], ends]).astype(np.int64)
+
+
 def read_range(r: LineRange) -> list[str]:
     """The lines of a range without their newline (nor a "\\r" before it), decoded strictly as UTF-8."""
     data = range_bytes(r)

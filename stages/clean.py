@@ -31,7 +31,15 @@ import pyarrow.compute as pc
 
 from seq2seq import cli, paths
 from seq2seq.config import CleanParams, Params, ParamsError, load_params
-from seq2seq.parallel import LineRange, aligned_ranges, ordered_map, range_bytes, read_range, start_server
+from seq2seq.parallel import (
+    LineRange,
+    aligned_ranges,
+    line_offsets,
+    ordered_map,
+    range_bytes,
+    read_range,
+    start_server,
+)
 from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, atomic_write, write_json
 
@@ -315,11 +323,8 @@ def arrow_lines(lines: LineRange) -> pa.Array:
     """A range's lines as an Arrow string array, as read_range reads them (no "\\n", nor "\\r" before it), made
     from the file's bytes without a Python object per line."""
     data = range_bytes(lines)
-    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n")) + 1
-    if not data.endswith(b"\n"):
-        ends = np.append(ends, len(data))  # the file's last line, without a newline
-    offsets = np.concatenate([[0], ends]).astype(np.int64)
-    array = pa.LargeStringArray.from_buffers(len(ends), pa.py_buffer(offsets), pa.py_buffer(data))
+    offsets = line_offsets(data)
+    array = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
     try:
         array.validate(full=True)  # UTF-8
     except pa.ArrowInvalid:

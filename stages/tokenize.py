@@ -28,7 +28,16 @@ import sentencepiece as spm
 from seq2seq import cli, paths
 from seq2seq.config import Params, ParamsError, TokenizeParams, load_params
 from seq2seq.data import TokenArrayWriter, dtype_for
-from seq2seq.parallel import LineRange, line_ranges, ordered_map, range_bytes, read_range, start_server, worker_count
+from seq2seq.parallel import (
+    LineRange,
+    line_offsets,
+    line_ranges,
+    ordered_map,
+    range_bytes,
+    read_range,
+    start_server,
+    worker_count,
+)
 from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, write_json
 from seq2seq.tokenizer import Tokenizer, train_sentencepiece
@@ -80,13 +89,9 @@ def pick_lines(r: LineRange, picked: np.ndarray) -> bytes:
     if not len(picked):
         return b""
     data = range_bytes(r)
-    # Where each line ends, found by numpy: a bytes object only for each picked line, not for every line.
-    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
-    if len(ends) < r.lines:  # the file's last line, without a newline
-        ends = np.append(ends, len(data))
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    spans = zip(starts[picked].tolist(), ends[picked].tolist(), strict=True)
-    return b"".join(data[start:end].removesuffix(b"\r") + b"\n" for start, end in spans)
+    offsets = line_offsets(data)  # a bytes object only for each picked line, not for every line
+    spans = zip(offsets[picked].tolist(), offsets[picked + 1].tolist(), strict=True)
+    return b"".join(data[start:end].removesuffix(b"\n").removesuffix(b"\r") + b"\n" for start, end in spans)
 
 
 def train_model(train_text: dict[Path, list[LineRange]], model_path: Path, p: TokenizeParams) -> float:
