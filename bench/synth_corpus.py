@@ -270,7 +270,7 @@ def write_corpus(
         return {lang: files[source.files[lang]] for lang in langs}
 
     sizes = split_pairs(n_pairs, {name: WMT14_ENFR_PAIRS.get(name, 0) or 1 for name in params.data.train})
-    seen = HashSet()  # base pairs are distinct across all training corpora
+    seen = HashSet(expected=n_pairs)  # base pairs are distinct across all training corpora
     report: dict[str, Any] = {"pairs": n_pairs, "datasets": {}, "noise": dict.fromkeys(NOISE, 0), "en_words": 0}
     for i, name in enumerate(params.data.train):
         maker = PairMaker(pool, np.random.default_rng([seed, i]), seen)

@@ -236,17 +236,24 @@ def test_chunk_size_does_not_change_output(tmp_path: Path) -> None:
     assert report["dropped"]["duplicate"] == len(all_kept) - len(unique) >= 20
 
 
-def test_hash_set_matches_python_set() -> None:
+@pytest.mark.parametrize("expected", [0, 100_000])  # grown from the smallest table many times, or sized once
+@pytest.mark.parametrize("span", [5_000, 2**64])  # small keys (0 among them) crowd a few slots; random ones spread
+def test_hash_set_matches_python_set(expected: int, span: int) -> None:
     rng = np.random.default_rng(1)
-    hashes, reference = HashSet(), set()
-    for _ in range(50):
-        batch = np.unique(rng.integers(0, 5000, rng.integers(0, 200)).astype(np.uint64))
+    hashes, reference = HashSet(expected), set()
+    for _ in range(60):
+        batch = np.unique(rng.integers(0, span, rng.integers(0, 400), dtype=np.uint64, endpoint=span < 2**64))
+        if reference and len(batch):  # some keys seen in earlier batches
+            batch = np.unique(np.concatenate([batch, rng.choice(np.array(sorted(reference), dtype=np.uint64), 20)]))
         new = batch[~hashes.contains(batch)]
         assert set(new.tolist()) == set(batch.tolist()) - reference
         hashes.add(new)
         reference |= set(new.tolist())
-    assert len(hashes) == len(reference)
-    assert hashes.contains(np.array([5001, 5002], dtype=np.uint64)).tolist() == [False, False]
+    assert len(hashes) == len(reference) > 5_000 // 2
+    absent = np.array([5_001, 5_002, 2**64 - 1], dtype=np.uint64)
+    assert hashes.contains(absent).tolist() == [int(a) in reference for a in absent]
+    everything = np.array(sorted(reference), dtype=np.uint64)
+    assert hashes.contains(everything).all()
 
 
 # --- dev and test --------------------------------------------------------------------------------
