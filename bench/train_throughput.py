@@ -12,7 +12,9 @@ machine noise hits both; the medians are compared.
 Efficiency: the floating-point operations of the matrix products our training step performs, counted from
 the batch shapes (every projection, the attention scores and their weighted sums, the output layer over
 the real target tokens; x3 for forward + backward), per second, over the fp32 peak of this machine: the
-faster of MKL (torch.mm) and oneDNN on a 2048^3 product, timed here with the same threads.
+faster of MKL (torch.mm) and oneDNN on a 2048^3 product, timed here with the same threads. The same is
+measured for the model `make demo` trains (presets/demo.yaml applied to params.yaml: an attention RNN), on
+its own batches, vocabulary and label smoothing (no peer: Marian has no RNN).
 
     pip install -e '.[bench]'
     python bench/train_throughput.py            # the last line is JSON
@@ -32,18 +34,23 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from same_size import demo_size_config, marian_same_size  # bench/ is on sys.path when run as a script
 
 from seq2seq import cpu
-from seq2seq.config import TransformerConfig
+from seq2seq.config import AttentionRNNConfig, Params, TransformerConfig, parse_params
 from seq2seq.data import pad_batch, token_batches
+from seq2seq.models import build_model
+from seq2seq.preset import preset_applied
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from seq2seq.transformer import Transformer
 
+REPO = Path(__file__).resolve().parent.parent
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -124,6 +131,35 @@ def training_flops(cfg: TransformerConfig, vocab: int, batch: Batch) -> float:
     return 3 * (encoder + decoder + output)
 
 
+def attention_rnn_flops(cfg: AttentionRNNConfig, vocab: int, batch: Batch) -> float:
+    """FLOPs of the matrix products of one training step of the Luong LSTM attention RNN (forward x3).
+
+    The encoder's LSTMs run on the real source tokens only (packed), each direction with half the hidden
+    size; the decoder steps through every (padded) target position: its LSTM over [embedding; h~_{t-1}],
+    the scores and context over the (padded) source, W_c and the output layer's projection. The keys W_a h_j
+    are projected once per source position; the generator runs on the real target tokens (seq2seq/loss.py).
+    """
+    if cfg.cell != "lstm" or cfg.attention != "luong":
+        raise ValueError("counted for the Luong LSTM attention RNN only")
+    src, tgt_in, tgt_out = batch
+    b, s, t = src.size(0), src.size(1), tgt_in.size(1)
+    e, h, layers = cfg.d_model, cfg.hidden, cfg.layers
+    half = h // 2 if cfg.bidirectional else h
+    directions = 2 if cfg.bidirectional else 1
+    lstm = lambda inputs, hidden: 2 * 4 * hidden * (inputs + hidden)  # noqa: E731  (the four gates)
+    encoder = int((src != PAD_ID).sum()) * directions * (lstm(e, half) + (layers - 1) * lstm(directions * half, half))
+    keys = b * s * 2 * h * h
+    decoder = b * t * (lstm(e + h, h) + (layers - 1) * lstm(h, h) + 2 * 2 * s * h + 2 * 2 * h * h + 2 * h * e)
+    output = int((tgt_out != PAD_ID).sum()) * 2 * e * vocab
+    return 3 * (encoder + keys + decoder + output)
+
+
+def demo_params() -> Params:
+    """params.yaml with presets/demo.yaml applied, as `make demo` trains."""
+    text, _ = preset_applied(REPO / "presets" / "demo.yaml", REPO / "params.yaml")
+    return parse_params(yaml.safe_load(text))
+
+
 def fp32_peak(threads: int) -> tuple[float, str]:
     """The faster of MKL and oneDNN on a 2048^3 fp32 product, in FLOP/s, with the backend's name."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -141,6 +177,40 @@ def fp32_peak(threads: int) -> tuple[float, str]:
         best[name] = 2 * 2048**3 / min(times)
     name = max(best, key=best.get)
     return best[name], name
+
+
+def target_tokens(batches: list[Batch]) -> int:
+    return sum(int((b[2] != PAD_ID).sum()) for b in batches)
+
+
+def demo_model_efficiency(args: argparse.Namespace, peak: float) -> dict[str, float | str]:
+    """Target tokens/s and FLOP/s over `peak` of the model `make demo` trains, on its batch size and vocabulary."""
+    params = demo_params()
+    vocab, smoothing = params.tokenize.vocab_size, params.train.label_smoothing
+    torch.manual_seed(0)
+    model = cpu.accelerate(build_model(params.model, vocab))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    batches = make_batches(20000, params.train.max_tokens, vocab, 2 * args.batches)
+
+    def loss_fn(src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
+        return model(src, tgt_in, tgt_out, smoothing)
+
+    cpu_device = torch.device("cpu")
+    for _ in range(args.warmup):
+        train_pass(loss_fn, model, optimizer, batches, cpu_device, amp=False)
+    tps = statistics.median(train_pass(loss_fn, model, optimizer, batches, cpu_device, False) for _ in range(3))
+    flops = sum(attention_rnn_flops(params.model.config, vocab, b) for b in batches) / target_tokens(batches) * tps
+    print(
+        f"demo model ({params.model.family}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"max_tokens {params.train.max_tokens}): {tps:.0f} target tokens/s, {flops / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
+    return {
+        "family": params.model.family,
+        "tokens_per_s": round(tps, 1),
+        "model_gflops_per_s": round(flops / 1e9, 1),
+        "efficiency": round(flops / peak, 3),
+    }
 
 
 def main() -> None:
@@ -187,9 +257,8 @@ def main() -> None:
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
     }
     if device.type == "cpu":
-        tokens = sum(int((b[2] != PAD_ID).sum()) for b in batches)
-        flops_per_token = sum(training_flops(cfg, args.vocab, b) for b in batches) / tokens
         peak, backend = fp32_peak(torch.get_num_threads())
+        flops_per_token = sum(training_flops(cfg, args.vocab, b) for b in batches) / target_tokens(batches)
         model_flops = flops_per_token * ours_tps
         print(
             f"ours: {flops_per_token / 1e6:.1f} MFLOP per target token -> {model_flops / 1e9:.1f} GFLOP/s; "
@@ -200,6 +269,7 @@ def main() -> None:
             peak_gflops_per_s=round(peak / 1e9, 1),
             peak_backend=backend,
             efficiency=round(model_flops / peak, 3),
+            demo_model=demo_model_efficiency(args, peak),
         )
     print(json.dumps(result))
 
