@@ -87,6 +87,9 @@ def test_the_demo_runs_as_an_experiment_and_the_config_tests_pass_after_it(tmp_p
     run([*preset], ws, env)
     assert tracked_changes(ws, env) == [" M params.yaml"]
     config_tests = run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_config.py"], ws, env, timeout=600
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/test_config.py"],
+        ws,
+        env,
+        timeout=600,
     )
     assert " passed" in config_tests.stdout and "failed" not in config_tests.stdout
