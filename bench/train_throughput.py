@@ -197,7 +197,7 @@ def demo_model_efficiency(args: argparse.Namespace, peak: float) -> dict[str, fl
 
     cpu_device = torch.device("cpu")
     for _ in range(args.warmup):
-        train_pass(loss_fn, model, optimizer, batches, cpu_device, amp=False)
+        train_pass(loss_fn, model, optimizer, batches, cpu_device, False)
     tps = statistics.median(train_pass(loss_fn, model, optimizer, batches, cpu_device, False) for _ in range(3))
     flops = sum(attention_rnn_flops(params.model.config, vocab, b) for b in batches) / target_tokens(batches) * tps
     print(

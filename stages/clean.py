@@ -158,8 +158,8 @@ class HashSet:
     MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing spreads even non-random keys over the slots
 
     def __init__(self, expected: int = 0) -> None:
-        self._bits = max(10, math.ceil(math.log2(max(expected, 1) * 4 / 3)))
-        self._slots = np.zeros(1 << self._bits, dtype=np.uint64)  # 0 = empty
+        bits = max(10, math.ceil(math.log2(max(expected, 1) * 4 / 3)))
+        self._slots = np.zeros(1 << bits, dtype=np.uint64)  # 0 = empty; a power of two
         self._used = 0
         self._has_zero = False  # the hash 0 itself, which cannot be stored as it marks empty slots
 
@@ -168,7 +168,8 @@ class HashSet:
 
     def _home(self, hashes: np.ndarray) -> np.ndarray:
         """Each hash's first slot: the top bits of hash x MULTIPLIER (mod 2^64)."""
-        return ((hashes * self.MULTIPLIER) >> np.uint64(64 - self._bits)).astype(np.intp)
+        bits = len(self._slots).bit_length() - 1
+        return ((hashes * self.MULTIPLIER) >> np.uint64(64 - bits)).astype(np.intp)
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         """Boolean mask: which of `hashes` are in the set."""
@@ -190,8 +191,7 @@ class HashSet:
             self._has_zero, hashes = True, hashes[hashes != 0]
         while 4 * (self._used + len(hashes)) > 3 * len(self._slots):
             old = self._slots[self._slots != 0]
-            self._bits += 1
-            self._slots = np.zeros(1 << self._bits, dtype=np.uint64)
+            self._slots = np.zeros(2 * len(self._slots), dtype=np.uint64)
             self._place(old)
         self._place(hashes)
         self._used += len(hashes)
