@@ -1,14 +1,16 @@
 """Big text files cut into line-aligned byte ranges, and ordered work on them over a pool of processes.
 
 The main process only finds where each range of lines starts and ends (`line_ranges`, a scan for newlines);
-workers read their range (`read_range`), do the work and send back compact results; `ordered_map` hands the
-results back in input order. So a stage's output is the same, byte for byte, whatever the number of
+workers read their range (`read_range`), do the work and send back compact results (large ones through a
+shared file, `SlotFile`); `ordered_map` hands the results back in input order. So a stage's output is the same, byte for byte, whatever the number of
 processes, and its memory holds a few chunks at a time whatever the corpus size.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import mmap
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -26,6 +28,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 BLOCK_BYTES = 1 << 22  # read size of the newline scan
 NEWLINE_WINDOW = 1 << 18  # bytes of a block whose newlines are counted at once
+IN_FLIGHT_PER_WORKER = 2  # tasks per worker process that ordered_map keeps submitted
 
 
 def worker_count(processes: int) -> int:
@@ -148,8 +151,10 @@ def ordered_map(
 ) -> Iterator[R]:
     """fn(task) for every task, in order, on `processes` worker processes (0 = every core).
 
-    One process runs everything here, in this process. Otherwise at most two tasks per worker are in flight,
-    so results never pile up in memory. A worker's exception is raised here, and the pool is shut down.
+    One process runs everything here, in this process. Otherwise at most IN_FLIGHT_PER_WORKER tasks per worker
+    are in flight, so results never pile up in memory; task i + IN_FLIGHT_PER_WORKER * n is submitted only once the
+    caller has taken result i and asks for the next (what `SlotFile` relies on). A worker's exception is raised
+    here, and the pool is shut down.
     """
     n = worker_count(processes)
     if n == 1:
@@ -162,7 +167,7 @@ def ordered_map(
     with ProcessPoolExecutor(n, mp_context=context, initializer=initializer, initargs=initargs) as pool:
         try:
             for task in tasks:
-                if len(pending) >= 2 * n:
+                if len(pending) >= IN_FLIGHT_PER_WORKER * n:
                     yield pending.popleft().result()
                 pending.append(pool.submit(fn, task))
             while pending:
@@ -170,3 +175,61 @@ def ordered_map(
         finally:
             for future in pending:
                 future.cancel()
+
+
+class SlotFile:
+    """A memory-mapped file of equal slots, one per task that `ordered_map` keeps in flight, into which worker
+    processes put their results and from which the main process reads them: instead of a result going through
+    the pool's pipe (pickled, copied into and out of the pipe, unpickled), which for clean's 3 MB chunks was
+    most of what two processes cost over one.
+
+    Task i uses slot i % slots. ordered_map submits task i + slots only after the caller has taken result i and
+    asked for the next one, so by then the caller is done with slot i.
+    """
+
+    def __init__(self, path: Path, slots: int, slot_bytes: int) -> None:
+        self.path, self.slots, self.slot_bytes = Path(path), slots, slot_bytes
+        self._map: mmap.mmap | None = None
+
+    @classmethod
+    def create(cls, path: Path, processes: int, slot_bytes: int) -> SlotFile:
+        """A new file at `path` with a slot of `slot_bytes` per task in flight on `processes` workers."""
+        slots = IN_FLIGHT_PER_WORKER * worker_count(processes)
+        with open(path, "xb") as f:
+            f.truncate(slots * slot_bytes)
+            if hasattr(os, "posix_fallocate"):  # a full disk fails here, not as a SIGBUS in a worker writing to it
+                os.posix_fallocate(f.fileno(), 0, slots * slot_bytes)
+        return cls(path, slots, slot_bytes)
+
+    def __getstate__(self) -> tuple[Path, int, int]:  # sent to the workers: the path, not the map
+        return self.path, self.slots, self.slot_bytes
+
+    def __setstate__(self, state: tuple[Path, int, int]) -> None:
+        self.__init__(*state)
+
+    @property
+    def buffer(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.path, "r+b") as f:
+                self._map = mmap.mmap(f.fileno(), self.slots * self.slot_bytes)
+        return self._map
+
+    def put(self, task_index: int, blocks: list[bytes]) -> list[int] | None:
+        """Copy `blocks` one after the other into the task's slot: where each starts, or None if they do not fit."""
+        if sum(map(len, blocks)) > self.slot_bytes:
+            return None
+        offset, offsets = (task_index % self.slots) * self.slot_bytes, []
+        for block in blocks:
+            self.buffer[offset : offset + len(block)] = block
+            offsets.append(offset)
+            offset += len(block)
+        return offsets
+
+    def view(self, start: int, end: int) -> memoryview:
+        return memoryview(self.buffer)[start:end]
+
+    def close(self) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still held (by an error's traceback) unmaps it later
+                self._map.close()
+            self._map = None

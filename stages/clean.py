@@ -8,7 +8,8 @@ The input is cut into chunks of clean.chunk_lines pairs, spread over clean.proce
 (with clean.langid) identifies their language; the main process takes the chunks back in order, drops
 pairs already seen in earlier chunks and writes. The only state that grows with the corpus is that set of
 hashes, a table of 8-byte slots sized for the number of train pairs (`HashSet`). The output is the same
-whatever the number of processes.
+whatever the number of processes. A worker leaves its chunk's lines in a memory-mapped file (`SlotFile`) and
+sends back only their sizes and hashes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import itertools
 import math
 import re
 import sys
+import tempfile
 import time
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -35,12 +37,14 @@ from seq2seq import cli, paths
 from seq2seq.config import CleanParams, Params, ParamsError, load_params
 from seq2seq.parallel import (
     LineRange,
+    SlotFile,
     aligned_ranges,
     line_offsets,
     ordered_map,
     range_bytes,
     read_range,
     start_server,
+    worker_count,
 )
 from seq2seq.progress import Progress
 from seq2seq.textio import TextFormatError, atomic_write, write_json
@@ -263,11 +267,13 @@ def length_rules(src: pa.Array, tgt: pa.Array, cfg: CleanParams) -> tuple[np.nda
 
 @dataclass(frozen=True)
 class ChunkTask:
-    """One chunk of an aligned pair of files; `train` chunks are filtered, dev/test ones only normalised."""
+    """One chunk of an aligned pair of files, the index-th of the stage; `train` chunks are filtered, dev/test
+    ones only normalised."""
 
     src: LineRange
     tgt: LineRange
     train: bool
+    index: int
 
 
 @dataclass
@@ -284,37 +290,63 @@ class CleanedChunk:
 
 @dataclass
 class Lines:
-    """Lines as one UTF-8 block, each followed by a newline, and the byte length of each (newline included)."""
+    """Lines as one UTF-8 block, each followed by a newline, and the byte length of each (newline included).
+
+    The block is `data`, or, when a worker process made it, at `offset` in the stage's `SlotFile`, which the
+    main process reads without the block passing through the pool's pipe.
+    """
 
     data: bytes
     sizes: np.ndarray
+    offset: int | None = None
 
     @classmethod
     def of(cls, encoded: list[bytes]) -> Lines:
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
         return cls(b"\n".join(encoded) + b"\n" if encoded else b"", sizes)
 
-    def select(self, keep: np.ndarray) -> bytes:
-        """The lines where `keep` is true, as one block."""
-        if keep.all():
-            return self.data
-        # Copied as runs of consecutive kept lines: few runs, as only duplicates of earlier chunks go here.
+    def runs(self, keep: np.ndarray) -> list[tuple[int, int]]:
+        """(start, end) bytes of each run of consecutive lines where `keep` is true: few runs, as only
+        duplicates of earlier chunks and langid's rejects are dropped from a chunk that a worker cleaned."""
         ends = np.cumsum(self.sizes)
         edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.view(np.int8), [0]])))  # run i: lines edges[2i]..
         firsts, lasts = edges[0::2], edges[1::2] - 1
-        data = memoryview(self.data)
-        return b"".join(data[start:end] for start, end in zip((ends - self.sizes)[firsts], ends[lasts], strict=True))
+        return list(zip((ends - self.sizes)[firsts].tolist(), ends[lasts].tolist(), strict=True))
+
+    def write(self, out: IO[bytes], keep: np.ndarray, slots: SlotFile | None = None) -> None:
+        """Append the lines where `keep` is true to `out`: the block as it is when it is kept whole, else its runs
+        of kept lines joined (one write rather than hundreds)."""
+        if self.offset is None:
+            block = memoryview(self.data)
+        else:
+            block = slots.view(self.offset, self.offset + int(self.sizes.sum()))
+        runs = self.runs(keep)
+        out.write(block[runs[0][0] : runs[0][1]] if len(runs) == 1 else b"".join(block[s:e] for s, e in runs))
+
+    def to_slots(self, offset: int) -> None:
+        """The block is now at `offset` in the SlotFile (`SlotFile.put`), and not sent with these lines."""
+        self.data, self.offset = b"", offset
 
 
 class ChunkCleaner:
     """A worker's state: the clean params and, with clean.langid, its own language identifier."""
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: Params, slots: SlotFile | None = None) -> None:
         self.cfg = params.clean
         self.langs = params.data.langs
         self.identifier = language_identifier(*self.langs) if self.cfg.langid else None
+        self.slots = slots  # where a worker process puts the chunks' lines (None: they go back with the result)
 
     def clean(self, task: ChunkTask) -> CleanedChunk:
+        chunk = self._clean(task)
+        if self.slots is not None:
+            offsets = self.slots.put(task.index, [chunk.src.data, chunk.tgt.data])
+            if offsets is not None:  # else (more bytes than a slot holds) the lines go back with the result
+                chunk.src.to_slots(offsets[0])
+                chunk.tgt.to_slots(offsets[1])
+        return chunk
+
+    def _clean(self, task: ChunkTask) -> CleanedChunk:
         src, tgt = (self._normalized(r) for r in (task.src, task.tgt))
         if not task.train:
             return CleanedChunk(len(src), {}, Lines.of(_utf8(src)), Lines.of(_utf8(tgt)), None, None)
@@ -369,9 +401,9 @@ def _take(items: list[bytes], mask: np.ndarray) -> list[bytes]:
 _cleaner: ChunkCleaner | None = None  # one per worker process
 
 
-def _start_worker(params: Params) -> None:
+def _start_worker(params: Params, slots: SlotFile | None) -> None:
     global _cleaner
-    _cleaner = ChunkCleaner(params)
+    _cleaner = ChunkCleaner(params, slots)
 
 
 def _clean_chunk(task: ChunkTask) -> CleanedChunk:
@@ -425,7 +457,13 @@ def clean(
     # Every output is an atomic writer held open until all inputs are processed: an exception
     # anywhere (undecodable input) unwinds them all and leaves only the old files.
     with contextlib.ExitStack() as stack:
-        report = clean_chunks(params, plan, open_outputs(stack, params, Path(out_dir)))
+        outputs = open_outputs(stack, params, Path(out_dir))
+        slots = None
+        if worker_count(params.clean.processes) > 1:
+            spool = stack.enter_context(tempfile.TemporaryDirectory(prefix=".slots-", dir=out_dir))
+            slots = SlotFile.create(Path(spool) / "slots", params.clean.processes, slot_bytes(plan))
+            stack.callback(slots.close)
+        report = clean_chunks(params, plan, outputs, slots)
         # Still inside the stack, so a failure here aborts the data files too; they are renamed right after.
         write_json(Path(metrics_path), report)
     return report
@@ -446,6 +484,13 @@ def plan_chunks(params: Params, raw_dir: Path) -> Plan:
     return {part: aligned_ranges(*raw[part], params.clean.chunk_lines) for part in parts}
 
 
+def slot_bytes(plan: Plan) -> int:
+    """Room for the cleaned lines of any chunk: its input bytes and a quarter more (normalising seldom lengthens a
+    line; a chunk that grows beyond that goes back through the pipe)."""
+    chunk_bytes = (s.end - s.start + t.end - t.start for ranges in plan.values() for s, t in ranges)
+    return max(chunk_bytes, default=0) * 5 // 4 + 64
+
+
 def open_outputs(stack: contextlib.ExitStack, params: Params, out_dir: Path) -> dict[Part, tuple[IO[bytes], ...]]:
     """Atomic writers for each part's two sides, held by `stack`; the train datasets share one pair of files."""
     langs = params.data.langs
@@ -461,20 +506,23 @@ def open_outputs(stack: contextlib.ExitStack, params: Params, out_dir: Path) -> 
     return outputs
 
 
-def clean_chunks(params: Params, plan: Plan, outputs: dict[Part, tuple[IO[bytes], ...]]) -> dict:
+def clean_chunks(
+    params: Params, plan: Plan, outputs: dict[Part, tuple[IO[bytes], ...]], slots: SlotFile | None = None
+) -> dict:
     """Clean every chunk in the worker processes, write what is kept in order, and return the metrics."""
-    tasks = [ChunkTask(s, t, part[0] == "train") for part, ranges in plan.items() for s, t in ranges]
-    part_of = [part for part, ranges in plan.items() for _ in ranges]
+    chunks = [(part, s, t) for part, ranges in plan.items() for s, t in ranges]
+    tasks = [ChunkTask(s, t, part[0] == "train", i) for i, (part, s, t) in enumerate(chunks)]
     pairs = dict.fromkeys(plan, 0)
     kept = 0
     train_filter = TrainFilter(sum(task.src.lines for task in tasks if task.train))
-    results = ordered_map(_clean_chunk, tasks, params.clean.processes, _start_worker, (params,))
-    with Progress("clean", sum(task.src.lines for task in tasks), unit="pairs") as progress:
-        for part, chunk in zip(part_of, results, strict=True):
+    results = ordered_map(_clean_chunk, tasks, params.clean.processes, _start_worker, (params, slots))
+    # closing: on an error the pool stops (its running chunks finish) before the slot file goes
+    with contextlib.closing(results), Progress("clean", sum(t.src.lines for t in tasks), unit="pairs") as progress:
+        for (part, _, _), chunk in zip(chunks, results, strict=True):
             keep = train_filter.keep_mask(chunk) if part[0] == "train" else np.ones(chunk.pairs, dtype=bool)
             src_f, tgt_f = outputs[part]
-            src_f.write(chunk.src.select(keep))
-            tgt_f.write(chunk.tgt.select(keep))
+            chunk.src.write(src_f, keep, slots)
+            chunk.tgt.write(tgt_f, keep, slots)
             pairs[part] += chunk.pairs
             kept += int(keep.sum()) if part[0] == "train" else 0
             progress.advance(chunk.pairs)

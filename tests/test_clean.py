@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import io
 import json
 import os
 import re
@@ -108,13 +109,15 @@ def test_normalize_agrees_with_pure_python_on_every_code_point() -> None:
     assert got == [reference(line) for line in lines]
 
 
-def test_lines_select_keeps_exactly_the_chosen_lines_in_order() -> None:
+def test_lines_write_keeps_exactly_the_chosen_lines_in_order() -> None:
     rng = np.random.default_rng(0)
     for _ in range(500):
         lines = [bytes(rng.integers(97, 100, rng.integers(0, 5)).astype(np.uint8)) for _ in range(rng.integers(1, 30))]
         keep = rng.random(len(lines)) < rng.random()
         want = b"".join(line + b"\n" for line, k in zip(lines, keep, strict=True) if k)
-        assert Lines.of(lines).select(keep) == want
+        out = io.BytesIO()
+        Lines.of(lines).write(out, keep)
+        assert out.getvalue() == want
 
 
 def test_token_counts_are_the_space_separated_words_of_each_line() -> None:
@@ -143,7 +146,7 @@ from seq2seq.parallel import aligned_ranges
 from stages.clean import ChunkCleaner, ChunkTask
 tmp = Path({str(tmp_path)!r})
 ranges = aligned_ranges(tmp / "{TRAIN}.en", tmp / "{TRAIN}.fr", 10)[0]
-chunk = ChunkCleaner(load_params(tmp / "params.yaml")).clean(ChunkTask(*ranges, train=True))
+chunk = ChunkCleaner(load_params(tmp / "params.yaml")).clean(ChunkTask(*ranges, train=True, index=0))
 assert chunk.dropped["duplicate"] == 1 and chunk.dropped["empty"] == 1, chunk
 print("pandas" in sys.modules)
 """
@@ -205,7 +208,7 @@ def test_train_datasets_concatenated_in_params_order(tmp_path: Path) -> None:
     assert report["dropped"]["duplicate"] == 1
 
 
-def test_chunk_size_does_not_change_output(tmp_path: Path) -> None:
+def test_chunk_size_and_processes_do_not_change_output(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     words = ["le", "chat", "noir", "dort", "ici", "ﬁn", "１", "\u200b", " ", "\t"]
     src = ["".join(rng.choice(words, rng.integers(0, 8))) for _ in range(300)]
@@ -213,25 +216,29 @@ def test_chunk_size_does_not_change_output(tmp_path: Path) -> None:
     # Exact duplicates far apart, so with chunk_lines=7 they fall into different chunks.
     src += src[:40]
     tgt += tgt[:40]
+    # NFKC makes this line 11x longer (U+FDFA is four words): with one pair per chunk, that chunk's lines outgrow
+    # the worker's slot of the shared file (input bytes + 1/4) and go back through the pipe instead.
+    src += ["\ufdfa" * 20]
+    tgt += ["\ufdfa " * 20]
     write_splits(tmp_path / "raw", src, tgt)
 
     outputs = []
-    for chunk_lines in (1, 7, 1000):
-        out = tmp_path / f"out{chunk_lines}"
-        report = clean(
-            make_params(chunk_lines=chunk_lines, max_length_ratio=4.0), tmp_path / "raw", out, out / "m.json"
-        )
+    for chunk_lines, processes in ((1, 1), (1, 2), (7, 1), (7, 2), (1000, 2)):
+        out = tmp_path / f"out{chunk_lines}-{processes}"
+        params = make_params(chunk_lines=chunk_lines, processes=processes, max_length_ratio=4.0)
+        report = clean(params, tmp_path / "raw", out, out / "m.json")
         outputs.append((report, {p.relative_to(out): p.read_bytes() for p in files_under(out)}))
-    assert outputs[0] == outputs[1] == outputs[2]
-    report = outputs[0][0]
-    assert report["input_pairs"] == report["kept_pairs"] + sum(report["dropped"].values()) == 340
+    assert all(output == outputs[0] for output in outputs[1:])
+    report, files = outputs[0]
+    assert report["input_pairs"] == report["kept_pairs"] + sum(report["dropped"].values()) == 341
+    assert files[Path("train.fr")].decode().endswith(" ".join(["صلى الله عليه وسلم"] * 20) + "\n")
 
     # Without dedup, the kept pairs include the repeats; with it, exactly their first occurrences remain.
     out = tmp_path / "nodedup"
     clean(make_params(dedup=False, max_length_ratio=4.0), tmp_path / "raw", out, out / "m.json")
     all_kept = list(zip(read(out / "train.en"), read(out / "train.fr"), strict=True))
     unique = list(dict.fromkeys(all_kept))
-    deduped = list(zip(read(tmp_path / "out7" / "train.en"), read(tmp_path / "out7" / "train.fr"), strict=True))
+    deduped = list(zip(read(tmp_path / "out7-2" / "train.en"), read(tmp_path / "out7-2" / "train.fr"), strict=True))
     assert deduped == unique
     assert report["dropped"]["duplicate"] == len(all_kept) - len(unique) >= 20
 
