@@ -2,14 +2,16 @@
 
 The main process only finds where each range of lines starts and ends (`line_ranges`, a scan for newlines);
 workers read their range (`read_range`), do the work and send back compact results (large ones through a
-shared file, `SlotFile`); `ordered_map` hands the results back in input order. So a stage's output is the same, byte for byte, whatever the number of
-processes, and its memory holds a few chunks at a time whatever the corpus size.
+shared file, `SlotFile`); `ordered_map` hands the results back in input order. So a stage's output is the
+same, byte for byte, whatever the number of processes, and its memory holds a few chunks at a time whatever
+the corpus size.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import mmap
 import multiprocessing
 import multiprocessing.forkserver
@@ -197,8 +199,13 @@ class SlotFile:
         slots = IN_FLIGHT_PER_WORKER * worker_count(processes)
         with open(path, "xb") as f:
             f.truncate(slots * slot_bytes)
-            if hasattr(os, "posix_fallocate"):  # a full disk fails here, not as a SIGBUS in a worker writing to it
+            try:  # the blocks on disk now: a full disk fails here, not as a SIGBUS in a worker writing to the map
                 os.posix_fallocate(f.fileno(), 0, slots * slot_bytes)
+            except AttributeError:  # not on macOS
+                pass
+            except OSError as err:
+                if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without it: sparse, then
+                    raise
         return cls(path, slots, slot_bytes)
 
     def __getstate__(self) -> tuple[Path, int, int]:  # sent to the workers: the path, not the map
