@@ -306,8 +306,8 @@ class Lines:
         return cls(b"\n".join(encoded) + b"\n" if encoded else b"", sizes)
 
     def runs(self, keep: np.ndarray) -> list[tuple[int, int]]:
-        """(start, end) bytes of each run of consecutive lines where `keep` is true: few runs, as only
-        duplicates of earlier chunks and langid's rejects are dropped from a chunk that a worker cleaned."""
+        """(start, end) bytes of each run of consecutive lines where `keep` is true (one run where the whole
+        chunk is kept: only duplicates of earlier chunks and langid's rejects are dropped at this point)."""
         ends = np.cumsum(self.sizes)
         edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.view(np.int8), [0]])))  # run i: lines edges[2i]..
         firsts, lasts = edges[0::2], edges[1::2] - 1
@@ -329,7 +329,8 @@ class Lines:
 
 
 class ChunkCleaner:
-    """A worker's state: the clean params and, with clean.langid, its own language identifier."""
+    """A worker's state: the clean params, with clean.langid its own language identifier, and the stage's
+    SlotFile, if any."""
 
     def __init__(self, params: Params, slots: SlotFile | None = None) -> None:
         self.cfg = params.clean
