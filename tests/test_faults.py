@@ -80,6 +80,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         procs.stop_all()
+        # A flow-run process runs in a session of its own, which stopping its worker does not reach. After the
+        # Prefect server restart below, the pipeline's one completes its flow run but never exits: at exit,
+        # Prefect drains a queue service whose websocket the restart broke, and waits forever (py-spy:
+        # _QueueServiceBase._at_exit -> drain -> Future.result). So whatever still works in the clones goes too.
+        kill_all_in(root)
 
 
 def process(stack: Stack, name: str) -> subprocess.Popen:
