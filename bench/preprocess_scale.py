@@ -286,15 +286,20 @@ def run_phase(phase: str, processes: int, work: Path | str, probe: Path | str) -
     work, probe = Path(work), Path(probe)
     params = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
     tokenized, tok = work / "data/tokenized", params.tokenize
-    texts = {work / f"data/clean/train.{lang}": probe / f"train.{lang}" for lang in params.data.langs}
+    # The last run's outputs go first, as `dvc repro` removes a stage's outputs before running it: replacing a
+    # 1.2 GB file frees its blocks inside the rename, 0.24 s of clean's time at 4M pairs that no stage pays.
+    out = probe / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    texts = {work / f"data/clean/train.{lang}": out / f"train.{lang}" for lang in params.data.langs}
     wall, cpu = time.perf_counter(), time.process_time()
     with contextlib.redirect_stderr(io.StringIO()):  # progress lines
         if phase == "clean":
             p = params.model_copy(update={"clean": params.clean.model_copy(update={"processes": processes})})
-            clean(p, work / "data/raw", probe / "clean", probe / "clean.json")
+            clean(p, work / "data/raw", out / "clean", out / "clean.json")
         elif phase == "sentencepiece":
             args = (tok.vocab_size, tok.model_type, tok.character_coverage, 0, processes)
-            train_sentencepiece([probe / "sample.txt"], probe / "spm.model", *args)
+            train_sentencepiece([probe / "sample.txt"], out / "spm.model", *args)
         else:
             dtype = np.dtype(json.loads((tokenized / "meta.json").read_text())["dtype"])
             encode_files(tokenized / "spm.model", texts, dtype, processes)
