@@ -67,20 +67,29 @@ class ChunkedOutputLoss(torch.autograd.Function):
         total = hidden.new_zeros(())
         grad_hidden = torch.empty_like(hidden) if want_grads else None
         grad_weight = torch.zeros_like(weight) if want_grads else None
+        mean_weight = weight.mean(dim=0)  # h @ mean_weight is the mean over v of the logits h @ W^T
         for start in range(0, hidden.size(0), rows):
             h, y = hidden[start : start + rows], targets[start : start + rows]
             logits = product(h, weight)  # h @ W^T: [n, V]
-            log_z = torch.logsumexp(logits, dim=1)
-            nll = log_z - logits.gather(1, y[:, None]).squeeze(1)  # -log p(y)
-            uniform = log_z - logits.mean(dim=1)  # mean over v of -log p(v)
-            total += ((1 - smoothing) * nll + smoothing * uniform).sum()
+            top = logits.amax(dim=1)
+            picked = logits.gather(1, y[:, None]).squeeze(1)
+            e = logits.sub_(top[:, None]).exp_()  # exp(logits - top), in place: the only [n, V] tensor
+            s = e.sum(dim=1)
+            log_z = top + s.log()
+            # -log p(y) = log_z - logit(y); the mean over v of -log p(v) = log_z - mean over v of the logits
+            total += ((1 - smoothing) * (log_z - picked) + smoothing * (log_z - h @ mean_weight)).sum()
             if want_grads:
-                # d loss / d logits = softmax - target distribution, where the target distribution puts
-                # 1 - eps on y and eps / V on every word (so y gets 1 - eps + eps / V)
-                grad = logits.sub_(log_z[:, None]).exp_().sub_(smoothing / vocab)
-                grad.scatter_add_(1, y[:, None], grad.new_full((len(y), 1), smoothing - 1))
-                grad_hidden[start : start + rows] = product(grad, weight.T)  # grad @ W
-                grad_weight += product(h.T, grad.T).T  # grad^T @ h, as (h^T @ grad)^T: the small operand transposed
+                # d loss / d logits = softmax - target distribution, which puts 1 - eps on y and eps / V on
+                # every word: e / s - (1 - eps) onehot(y) - eps / V = (e - (1 - eps) s onehot(y)) / s - eps / V.
+                # The 1 / s scales rows of the small operands, and the constant eps / V comes off after the
+                # loop, once: as a whole [n, V] pass each, they took a sixth of this function's time.
+                e.scatter_add_(1, y[:, None], ((smoothing - 1) * s)[:, None])
+                inv_s = s.reciprocal()[:, None]
+                grad_hidden[start : start + rows] = product(e, weight.T).mul_(inv_s)  # (e @ W) / s
+                grad_weight += product((h * inv_s).T, e.T).T  # e^T @ (h / s), the small operand transposed
+        if want_grads:  # the eps / V term: (eps / V) 1 @ W for every row, and (eps / V) 1^T @ h for every word
+            grad_hidden.sub_(weight.sum(dim=0), alpha=smoothing / vocab)
+            grad_weight.sub_(hidden.sum(dim=0), alpha=smoothing / vocab)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
