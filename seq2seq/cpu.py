@@ -11,8 +11,9 @@ Dropout. torch draws one Bernoulli sample per element from the Mersenne Twister;
 Transformer training step on two cores (bench/train_throughput.py under torch.profiler). Here each element
 gets 16 random bits instead, cut from full-range 64-bit draws (four elements per draw), and is kept when
 they are at or above a threshold: the drop probability is p rounded to the nearest 1/65536, and the mask
-costs a third as much. The bits come from torch's default generator, so `torch.manual_seed` and the
-generator state saved in checkpoints replay them exactly.
+costs a third as much. The mask is the multiplier itself (0 or 1 / (1 - p)), so forward and backward are one
+product each. The bits come from torch's default generator, so `torch.manual_seed` and the generator state
+saved in checkpoints replay them exactly.
 
 Linear. torch sends fp32 matrix products to MKL, which on AMD processors runs its AVX2 kernels; oneDNN,
 which torch also ships (it is torch.compile's CPU backend), runs AVX-512 and on the shapes of a small
@@ -35,19 +36,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def drop_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """True where an element is dropped, with probability p (to the nearest 1/65536)."""
+def keep_scale(shape: torch.Size, p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dropout as a multiplier: 0 where an element is dropped, with probability p (to the nearest 1/65536),
+    else 1 / (1 - p)."""
     n = shape.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # every bit uniform
     halves = bits.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
-    return halves < -32768 + round(p * 65536)
+    return torch.where(halves < -32768 + round(p * 65536), 0.0, 1.0 / (1.0 - p)).to(dtype)
 
 
 class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu":
             return super().forward(x)
-        return x.masked_fill(drop_mask(x.shape, self.p), 0.0).mul_(1.0 / (1.0 - self.p))
+        # One product forward and one backward (autograd keeps the multiplier): a boolean mask took a fill
+        # and a scaling each way, 25-30% more time on a [2256, 1024] activation.
+        return x * keep_scale(x.shape, self.p, x.dtype)
 
 
 def onednn_matmul(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

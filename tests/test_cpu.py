@@ -12,21 +12,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.config import TransformerConfig
-from seq2seq.cpu import ONEDNN, Dropout, Linear, accelerate, drop_mask
+from seq2seq.cpu import ONEDNN, Dropout, Linear, accelerate, keep_scale
 from seq2seq.transformer import Transformer
 
 
-def test_drop_mask_rate_and_replay() -> None:
+def test_keep_scale_rate_values_and_replay() -> None:
     torch.manual_seed(0)
-    mask = drop_mask(torch.Size([400, 1000]), 0.1)
-    assert mask.dtype == torch.bool
+    scale = keep_scale(torch.Size([400, 1000]), 0.1)
+    assert scale.dtype == torch.float32
+    mask = scale == 0
+    assert torch.equal(scale[~mask], torch.full_like(scale[~mask], 1 / 0.9))
     assert mask.float().mean().item() == pytest.approx(0.1, abs=0.003)
     # no structure across the four elements cut from one 64-bit draw
     for lane in range(4):
         assert mask.view(-1, 4)[:, lane].float().mean().item() == pytest.approx(0.1, abs=0.005)
     torch.manual_seed(0)
-    assert torch.equal(drop_mask(torch.Size([400, 1000]), 0.1), mask)  # the default generator replays it
-    assert not torch.equal(drop_mask(torch.Size([400, 1000]), 0.1), mask)
+    assert torch.equal(keep_scale(torch.Size([400, 1000]), 0.1), scale)  # the default generator replays it
+    assert not torch.equal(keep_scale(torch.Size([400, 1000]), 0.1), scale)
+    assert keep_scale(torch.Size([3, 5]), 0.5, torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_dropout_scales_kept_values_and_gradients() -> None:
