@@ -1,4 +1,4 @@
-"""Two CPU fast paths for training and decoding: the dropout mask and the fp32 matrix product.
+"""CPU fast paths for training and decoding: the dropout mask and the fp32 matrix product.
 
 The model files use plain `nn.Linear` and `nn.Dropout`; `accelerate(model)` swaps those modules, in a built
 model and in place, for `Linear` and `Dropout` below. They have the same parameters and state dict and give
@@ -52,6 +52,39 @@ class Dropout(nn.Dropout):
         # One product forward and one backward (autograd keeps the multiplier): a boolean mask took a fill
         # and a scaling each way, 25-30% more time on a [2256, 1024] activation.
         return x * keep_scale(x.shape, self.p, x.dtype)
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """F.scaled_dot_product_attention, whose dropout on the attention weights is `keep_scale`'s on the CPU.
+
+    With dropout, torch runs its math path there and draws the mask with bernoulli_ (a Mersenne Twister
+    sample per weight), then divides and multiplies by it. The same path written out with keep_scale: 1%
+    faster Transformer training steps (bench model, ONEDNN_MAX_CPU_ISA=AVX2). attn_mask: True = attend.
+    """
+    fast = (
+        dropout_p > 0.0
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and (attn_mask is None or attn_mask.dtype == torch.bool)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+    if not fast:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # [..., T, S]
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    if is_causal:  # position t sees keys 0..t, as torch's is_causal
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu_(1), float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return (weights * keep_scale(weights.shape, dropout_p)) @ v
 
 
 def onednn_matmul(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

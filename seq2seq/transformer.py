@@ -4,7 +4,8 @@ Names follow the paper. Layers are pre-norm by default (LayerNorm before each su
 Wang et al. 2019 / tensor2tensor's later default), which trains stably without long warm-up;
 `pre_norm=False` gives the paper's post-norm, LayerNorm(x + Sublayer(x)). Positions are the paper's
 sinusoids or learned embeddings (Gehring et al. 2017). Attention uses torch's fused
-scaled_dot_product_attention. Base and big are just parameters (params.yaml, presets/transformer-big.yaml).
+scaled_dot_product_attention (with a faster dropout when training on the CPU, seq2seq/cpu.py). Base and big
+are just parameters (params.yaml, presets/transformer-big.yaml).
 
 Interface shared with every decoder-side caller (greedy/beam search, evaluation, serving):
   encode(src) -> Memory
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq import cpu
 from seq2seq.config import TransformerConfig
 from seq2seq.loss import output_loss
 from seq2seq.tokenizer import PAD_ID
@@ -78,7 +80,7 @@ class MultiHeadAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False
     ) -> torch.Tensor:
         """q, k, v already projected and split into heads."""
-        out = F.scaled_dot_product_attention(
+        out = cpu.scaled_dot_product_attention(  # torch's, with the faster dropout of seq2seq/cpu.py
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )
         b, h, t, d = out.shape

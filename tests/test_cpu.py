@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq import cpu
 from seq2seq.config import TransformerConfig
 from seq2seq.cpu import ONEDNN, Dropout, Linear, accelerate, keep_scale
 from seq2seq.transformer import Transformer
@@ -44,6 +45,36 @@ def test_dropout_scales_kept_values_and_gradients() -> None:
     dropout.eval()
     assert torch.equal(dropout(x), x)
     assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+@pytest.mark.parametrize("masked,causal", [(True, False), (False, True), (True, True)])
+def test_attention_with_dropout_is_torchs_attention_times_the_multiplier(masked, causal, monkeypatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 6, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = mask[2, ..., 5:] = False  # padded keys
+    mask = mask if masked else None
+    # every weight kept and scaled by 1 / (1 - p): torch's attention without dropout, times that
+    monkeypatch.setattr(cpu, "keep_scale", lambda shape, p: torch.full(shape, 1 / (1 - p)))
+    results = []
+    for attention, p in ((cpu.scaled_dot_product_attention, 0.2), (F.scaled_dot_product_attention, 0.0)):
+        out = attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        out = out / 0.8 if p == 0.0 else out
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        results.append((out, *grads))
+    for ours, torchs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, torchs, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_drops_weights_at_rate_p() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 8, 64, 16), torch.randn(1, 8, 64, 16)
+    v = torch.eye(64).expand(1, 8, 64, 64)  # the output is the attention weights themselves
+    weights = cpu.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+    dropped = weights == 0
+    assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.01)
+    kept_sum = (weights * 0.75).sum(-1)  # undo the scaling: the kept share of each row's softmax
+    assert kept_sum.mean().item() == pytest.approx(0.75, abs=0.02)
 
 
 @pytest.mark.skipif(not ONEDNN, reason="torch has no oneDNN linear op here; Linear is nn.Linear")
