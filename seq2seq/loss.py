@@ -82,7 +82,7 @@ class ChunkedOutputLoss(torch.autograd.Function):
                 # d loss / d logits = softmax - target distribution, which puts 1 - eps on y and eps / V on
                 # every word: e / s - (1 - eps) onehot(y) - eps / V = (e - (1 - eps) s onehot(y)) / s - eps / V.
                 # The 1 / s scales rows of the small operands, and the constant eps / V comes off after the
-                # loop, once: as a whole [n, V] pass each, they took a sixth of this function's time.
+                # loop, once, instead of two more passes over the [n, V] logits.
                 e.scatter_add_(1, y[:, None], ((smoothing - 1) * s)[:, None])
                 inv_s = s.reciprocal()[:, None]
                 grad_hidden[start : start + rows] = product(e, weight.T).mul_(inv_s)  # (e @ W) / s
