@@ -36,6 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def eager_fp32_cpu(*tensors: torch.Tensor) -> bool:
+    """Every tensor fp32 on the CPU, outside autocast and torch.compile: where the fast paths of this module and
+    of seq2seq/loss.py apply."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
 def keep_scale(shape: torch.Size, p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dropout as a multiplier: 0 where an element is dropped, with probability p (to the nearest 1/65536),
     else 1 / (1 - p)."""
@@ -70,14 +80,7 @@ def scaled_dot_product_attention(
     bmm: about 2% faster Transformer training steps (bench model, ONEDNN_MAX_CPU_ISA=AVX2). q, k, v: [B, H, T or S,
     D or Dv]; attn_mask: True = attend.
     """
-    fast = (
-        dropout_p > 0.0
-        and q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and (attn_mask is None or attn_mask.dtype == torch.bool)
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
+    fast = dropout_p > 0.0 and eager_fp32_cpu(q) and (attn_mask is None or attn_mask.dtype == torch.bool)
     if not fast:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
     (b, h, t, d), s, dv = q.shape, k.size(2), v.size(3)
@@ -124,13 +127,7 @@ ONEDNN = _onednn_works()
 
 
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        ONEDNN
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
+    return ONEDNN and eager_fp32_cpu(x, weight)
 
 
 class OneDNNLinear(torch.autograd.Function):

@@ -30,13 +30,7 @@ def output_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     """Label-smoothed cross-entropy of `hidden` [..., D] @ `weight`.T [V, D] against `targets` [...] (PAD_ID
     ignored), summed over the real targets."""
     hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
-    fused = (
-        hidden.device.type == "cpu"
-        and hidden.dtype == weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
-    if not fused:
+    if not cpu.eager_fp32_cpu(hidden, weight):
         logits = F.linear(hidden, weight).float()
         return F.cross_entropy(logits, targets, ignore_index=PAD_ID, label_smoothing=smoothing, reduction="sum")
     real = targets != PAD_ID
@@ -87,8 +81,8 @@ class ChunkedOutputLoss(torch.autograd.Function):
                 inv_s = s.reciprocal()[:, None]
                 grad_hidden[start : start + rows] = product(e, weight.T).mul_(inv_s)  # (e @ W) / s
                 grad_weight += product((h * inv_s).T, e.T).T  # e^T @ (h / s), the small operand transposed
-        if want_grads:  # the eps / V term: (eps / V) 1 @ W for every row, and (eps / V) 1^T @ h for every word
-            grad_hidden.sub_(weight.sum(dim=0), alpha=smoothing / vocab)
+        if want_grads:  # the eps / V term: (eps / V) 1 @ W = eps mean(W) for every row, (eps / V) 1^T @ h per word
+            grad_hidden.sub_(mean_weight, alpha=smoothing)
             grad_weight.sub_(hidden.sum(dim=0), alpha=smoothing / vocab)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
