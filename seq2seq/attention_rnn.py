@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq import cpu, luong_loop
 from seq2seq.config import AttentionRNNConfig
 from seq2seq.rnn import (
     OutputLayer,
@@ -113,11 +114,20 @@ class AttentionRNN(RNNEncoderDecoder):
         state = to_rnn_state(memory.h, memory.c)
         feed = memory.states.new_zeros(src.size(0), self.cfg.hidden)
         embedded = self.dropout(self.tgt_embed(tgt_in))
+        if self.loop_written_out(embedded):
+            outputs = luong_loop.decoder_outputs(embedded, keys, memory, self.decoder, self.W_c.weight)
+            return self.output(outputs, tgt_out, label_smoothing)
         outputs = []
         for t in range(tgt_in.size(1)):
             feed, state = self.step(embedded[:, t], memory, keys, state, feed)
             outputs.append(feed)
         return self.output(torch.stack(outputs, dim=1), tgt_out, label_smoothing)
+
+    def loop_written_out(self, embedded: torch.Tensor) -> bool:
+        """Whether teacher forcing runs seq2seq/luong_loop.py: the same loop as one autograd function, for a
+        one-layer Luong LSTM in fp32 on the CPU (about 30% faster training steps on the demo model)."""
+        cfg = self.cfg
+        return cfg.attention == "luong" and cfg.cell == "lstm" and cfg.layers == 1 and cpu.eager_fp32_cpu(embedded)
 
     def decode_step(
         self, prev: torch.Tensor, memory: RNNMemory, cache: dict[str, torch.Tensor]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import runpy
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seq2seq import luong_loop
 from seq2seq.checkpoint import CheckpointError, load_model, save_checkpoint
 from seq2seq.config import ModelParams, parse_params
 from seq2seq.models import FAMILIES, build_model
@@ -35,6 +37,8 @@ VARIANTS = {
         "attention_rnn",
         {"attention": "luong", "cell": "lstm", "reverse_source": True},
     ),
+    # the demo's shape: teacher forcing runs seq2seq/luong_loop.py
+    "attention-luong-lstm-one-layer": ("attention_rnn", {"attention": "luong", "cell": "lstm", "layers": 1}),
 }
 
 
@@ -112,6 +116,39 @@ def test_incremental_decoding_equals_teacher_forcing(model) -> None:
     src, tgt_in = batch(1)
     expected = F.log_softmax(model(src, tgt_in).float(), dim=-1)
     torch.testing.assert_close(incremental_log_probs(model, src, tgt_in), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_written_out_luong_loop_gives_the_step_by_step_loss_and_gradients(base_params) -> None:
+    """In fp32 on the CPU the one-layer Luong LSTM trains through seq2seq/luong_loop.py; in float64 it steps
+    through AttentionRNN.step under autograd. Same weights, same batch: same loss and gradients."""
+    torch.manual_seed(0)
+    fast = build_model(tiny(base_params, "attention_rnn", layers=1, attention="luong", cell="lstm"), VOCAB).eval()
+    reference = copy.deepcopy(fast).double()
+    src, tgt_in = batch(3)
+    tgt_out = torch.cat([tgt_in[:, 1:], torch.full((3, 1), PAD_ID)], dim=1)  # a padded target position too
+    assert fast.loop_written_out(torch.zeros(1)) and not reference.loop_written_out(torch.zeros(1).double())
+    losses = [m(src, tgt_in, tgt_out, 0.1) for m in (fast, reference)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0].double(), losses[1].double(), rtol=1e-5, atol=1e-5)  # float32: F.cross_entropy
+    for (name, p), q in zip(fast.named_parameters(), reference.parameters(), strict=True):
+        error = float((p.grad.double() - q.grad).norm() / q.grad.norm())  # relative: some gradients are ~1e-7
+        assert error < 1e-4, f"gradient of {name}: relative error {error:.1e}"
+
+
+def test_the_written_out_luong_loop_passes_gradcheck() -> None:
+    """Every gradient of LuongLoop (embeddings, keys, encoder states, initial state, weights) against finite
+    differences in float64, with a padded source position."""
+    g = torch.Generator().manual_seed(0)
+    b, t, s, e, h = 2, 3, 4, 3, 2
+    shapes = [(b, t, e), (b, s, h), (b, s, h), (b, h), (b, h)]  # embeddings, keys, states, h0, c0
+    shapes += [(4 * h, e + h), (4 * h, h), (4 * h,), (4 * h,), (h, 2 * h)]  # W_ih, W_hh, b_ih, b_hh, W_c
+    emb, keys, states, h0, c0, w_ih, w_hh, b_ih, b_hh, w_c = (
+        torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in shapes
+    )
+    src_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    inputs = (emb, keys, states, src_mask, h0, c0, w_ih, w_hh, b_ih, b_hh, w_c)
+    assert torch.autograd.gradcheck(luong_loop.LuongLoop.apply, inputs)
 
 
 @torch.no_grad()
