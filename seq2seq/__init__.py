@@ -8,6 +8,7 @@
   transformer, rnn, attention_rnn    the model families, as in their papers
   cpu            accelerate(model): the CPU fast paths, applied to a built model; quantize_int8 for decoding
   loss           output_loss: the output projection fused with label-smoothed cross-entropy, in chunks
+  luong_loop     decoder_outputs: the one-layer Luong attention RNN's teacher-forced loop as one autograd function
   checkpoint     save_checkpoint, load_model (tensor digest checked), check_tokenizer; CheckpointError
   beam, decoding beam_search, greedy_decode, translate_nbest
   translate      translate_texts and the nmt-translate command
@@ -34,6 +35,7 @@ __all__ = [
     "data",
     "decoding",
     "loss",
+    "luong_loop",
     "models",
     "preset",
     "promote",
