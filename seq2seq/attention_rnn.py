@@ -111,17 +111,18 @@ class AttentionRNN(RNNEncoderDecoder):
         self.check_target_length(tgt_in)
         memory = self.encode(src)
         keys = self.attention.keys(memory.states)
-        state = to_rnn_state(memory.h, memory.c)
-        feed = memory.states.new_zeros(src.size(0), self.cfg.hidden)
         embedded = self.dropout(self.tgt_embed(tgt_in))
         if self.loop_written_out(embedded):
             outputs = luong_loop.decoder_outputs(embedded, keys, memory, self.decoder, self.W_c.weight)
-            return self.output(outputs, tgt_out, label_smoothing)
-        outputs = []
-        for t in range(tgt_in.size(1)):
-            feed, state = self.step(embedded[:, t], memory, keys, state, feed)
-            outputs.append(feed)
-        return self.output(torch.stack(outputs, dim=1), tgt_out, label_smoothing)
+        else:
+            state = to_rnn_state(memory.h, memory.c)
+            feed = memory.states.new_zeros(src.size(0), self.cfg.hidden)
+            steps = []
+            for t in range(tgt_in.size(1)):
+                feed, state = self.step(embedded[:, t], memory, keys, state, feed)
+                steps.append(feed)
+            outputs = torch.stack(steps, dim=1)
+        return self.output(outputs, tgt_out, label_smoothing)
 
     def loop_written_out(self, embedded: torch.Tensor) -> bool:
         """Whether teacher forcing runs seq2seq/luong_loop.py: the same loop as one autograd function, for a
