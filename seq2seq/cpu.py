@@ -130,6 +130,14 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return ONEDNN and eager_fp32_cpu(x, weight)
 
 
+def product(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b_t.T (+ bias) for 2-D CPU tensors: by oneDNN in fp32 where it works, else F.linear (other dtypes, such
+    as the float64 of gradient checks). For the hand-written gradients of seq2seq/loss.py and luong_loop.py."""
+    if ONEDNN and a.dtype == torch.float32:
+        return onednn_matmul(a, b_t, bias)
+    return F.linear(a, b_t, bias)
+
+
 class OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b, and its gradients, as three oneDNN products."""
 

@@ -39,11 +39,6 @@ def output_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return ChunkedOutputLoss.apply(hidden[real], weight, targets[real], smoothing, rows, want_grads)
 
 
-def product(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """a @ b_t.T on oneDNN where it works (seq2seq/cpu.py: AVX-512 where the CPU has it), else torch's."""
-    return cpu.onednn_matmul(a, b_t) if cpu.ONEDNN else a @ b_t.T
-
-
 class ChunkedOutputLoss(torch.autograd.Function):
     """The loss of `output_loss` over real rows, chunk by chunk, with its gradients computed in forward."""
 
@@ -64,7 +59,7 @@ class ChunkedOutputLoss(torch.autograd.Function):
         mean_weight = weight.mean(dim=0)  # h @ mean_weight is the mean over v of the logits h @ W^T
         for start in range(0, hidden.size(0), rows):
             h, y = hidden[start : start + rows], targets[start : start + rows]
-            logits = product(h, weight)  # h @ W^T: [n, V]
+            logits = cpu.product(h, weight)  # h @ W^T: [n, V]
             top = logits.amax(dim=1)
             picked = logits.gather(1, y[:, None]).squeeze(1)
             e = logits.sub_(top[:, None]).exp_()  # exp(logits - top), in place: the only [n, V] tensor
@@ -79,8 +74,8 @@ class ChunkedOutputLoss(torch.autograd.Function):
                 # loop, once, instead of two more passes over the [n, V] logits.
                 e.scatter_add_(1, y[:, None], ((smoothing - 1) * s)[:, None])
                 inv_s = s.reciprocal()[:, None]
-                grad_hidden[start : start + rows] = product(e, weight.T).mul_(inv_s)  # (e @ W) / s
-                grad_weight += product((h * inv_s).T, e.T).T  # e^T @ (h / s), the small operand transposed
+                grad_hidden[start : start + rows] = cpu.product(e, weight.T).mul_(inv_s)  # (e @ W) / s
+                grad_weight += cpu.product((h * inv_s).T, e.T).T  # e^T @ (h / s), the small operand transposed
         if want_grads:  # the eps / V term: (eps / V) 1 @ W = eps mean(W) for every row, (eps / V) 1^T @ h per word
             grad_hidden.sub_(mean_weight, alpha=smoothing)
             grad_weight.sub_(hidden.sum(dim=0), alpha=smoothing / vocab)

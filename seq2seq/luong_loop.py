@@ -23,18 +23,10 @@ float rounding (tests/test_models.py). Measured on the demo model (bench/train_t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seq2seq import cpu
 from seq2seq.rnn import RNNMemory
-
-
-def product(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b_t.T (+ bias): oneDNN for fp32 where it works (seq2seq/cpu.py), else F.linear (as in float64 tests)."""
-    if cpu.ONEDNN and a.dtype == torch.float32:
-        return cpu.onednn_matmul(a, b_t, bias)
-    return F.linear(a, b_t, bias)
 
 
 def decoder_outputs(
@@ -54,7 +46,7 @@ class LuongLoop(torch.autograd.Function):
         w_emb = w_ih[:, :e].contiguous()  # the gates' embedding columns; oneDNN wants dense operands
         w_rec = torch.cat([w_ih[:, e:], w_hh], dim=1)  # [4H, 2H]: against [h~_{t-1}; h_{t-1}]
         emb_rows = emb.transpose(0, 1).reshape(t_len * b, e)  # time-major, so each step's rows are contiguous
-        emb_gates = product(emb_rows, w_emb, b_ih + b_hh).view(t_len, b, 4 * hid)
+        emb_gates = cpu.product(emb_rows, w_emb, b_ih + b_hh).view(t_len, b, 4 * hid)
         pad_bias = torch.zeros(b, 1, s, dtype=emb.dtype).masked_fill_(~src_mask[:, None, :], float("-inf"))
         keys_t, states_t = keys.transpose(1, 2), states.transpose(1, 2)  # bmm reads them transposed, no copy
 
@@ -66,7 +58,7 @@ class LuongLoop(torch.autograd.Function):
         feed = h.new_zeros(b, hid)
         for t in range(t_len):
             torch.cat([feed, h], dim=1, out=inputs[t])
-            g = torch.add(product(inputs[t], w_rec), emb_gates[t], out=gates[t])
+            g = torch.add(cpu.product(inputs[t], w_rec), emb_gates[t], out=gates[t])
             g[:, : 2 * hid].sigmoid_()  # input and forget gates (nn.LSTM's order: i, f, g, o)
             g[:, 2 * hid : 3 * hid].tanh_()
             g[:, 3 * hid :].sigmoid_()
@@ -78,7 +70,7 @@ class LuongLoop(torch.autograd.Function):
             weights.append(torch.softmax(scores, dim=2))
             context = torch.bmm(weights[t], states).squeeze(1)
             torch.cat([context, h], dim=1, out=ctx_h[t])
-            feed = torch.tanh(product(ctx_h[t], w_c), out=out[t])
+            feed = torch.tanh(cpu.product(ctx_h[t], w_c), out=out[t])
         weights = torch.cat(weights, dim=1)  # [B, T, S]
         steps = gates, cells, tanh_cells, inputs, ctx_h, weights, out
         ctx.save_for_backward(emb_rows, keys, states_t, w_emb, w_rec, w_c, *steps)
@@ -102,7 +94,7 @@ class LuongLoop(torch.autograd.Function):
         d_feed, d_h, d_c = (d_out.new_zeros(b, hid) for _ in range(3))  # what step t + 1 sends back
         for t in reversed(range(t_len)):
             dp = torch.addcmul(d_pre_out[t], d_feed, d_tanh_out[t], out=d_pre[t])
-            d_ch = product(dp, w_c.T)  # d[c_t; h_t]
+            d_ch = cpu.product(dp, w_c.T)  # d[c_t; h_t]
             d_ctx_h.append(d_ch)
             d_weights = torch.bmm(d_ch[:, None, :hid], states_t).squeeze(1)
             d_score = torch._softmax_backward_data(d_weights, weights[:, t], 1, d_weights.dtype)
@@ -113,16 +105,16 @@ class LuongLoop(torch.autograd.Function):
             torch.mul(d_gates_dc[t].view(b, 3, hid), d_c[:, None, :], out=dg[:, : 3 * hid].view(b, 3, hid))
             torch.mul(d_gate_o_dh[t], d_h, out=dg[:, 3 * hid :])
             d_c = d_c * f[t]
-            d_inputs = product(dg, w_rec.T)
+            d_inputs = cpu.product(dg, w_rec.T)
             d_feed, d_h = d_inputs[:, :hid], d_inputs[:, hid:]
 
         d_ctx_h, d_scores = torch.stack(d_ctx_h[::-1]), torch.stack(d_scores[::-1])  # [T, B, 2H], [T, B, S]
         dg_rows = d_gates.view(t_len * b, 4 * hid)
-        d_emb = product(dg_rows, w_emb.T).view(t_len, b, e).transpose(0, 1)
-        d_w_rec = product(dg_rows.T, inputs.view(t_len * b, 2 * hid).T)
-        d_w_ih = torch.cat([product(dg_rows.T, emb_rows.T), d_w_rec[:, :hid]], dim=1)
+        d_emb = cpu.product(dg_rows, w_emb.T).view(t_len, b, e).transpose(0, 1)
+        d_w_rec = cpu.product(dg_rows.T, inputs.view(t_len * b, 2 * hid).T)
+        d_w_ih = torch.cat([cpu.product(dg_rows.T, emb_rows.T), d_w_rec[:, :hid]], dim=1)
         d_bias = dg_rows.sum(0)
-        d_w_c = product(d_pre.view(t_len * b, hid).T, ctx_h.view(t_len * b, 2 * hid).T)
+        d_w_c = cpu.product(d_pre.view(t_len * b, hid).T, ctx_h.view(t_len * b, 2 * hid).T)
         d_keys = torch.bmm(d_scores.permute(1, 2, 0), ctx_h[:, :, hid:].transpose(0, 1))  # sum_t dscore_t h_t
         d_states = torch.bmm(weights.transpose(1, 2), d_ctx_h[:, :, :hid].transpose(0, 1))  # sum_t a_t dc_t
         return d_emb, d_keys, d_states, None, d_h, d_c, d_w_ih, d_w_rec[:, hid:], d_bias, d_bias, d_w_c
