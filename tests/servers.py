@@ -7,7 +7,8 @@ showing the end of its log. Prefect's ephemeral server (no PREFECT_API_URL) gets
 PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (see `prefect_fixtures.prefect_env`).
 
 Every process started here runs in its own process group and is stopped (SIGINT, then SIGKILL after a
-grace period) by `Processes.stop`, which the fixtures call in a `finally`.
+grace period) by `Processes.stop`, which the fixtures call in a `finally`. Where the test process dies without
+running its finalizers (SIGKILL, SIGTERM), a watchdog (`tests/reaper.py`) stops the groups it left.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,18 @@ from pathlib import Path
 import requests
 
 SERVER_DEADLINE = float(os.environ.get("NMT_TEST_SERVER_DEADLINE", "300"))
+REAPER = Path(__file__).with_name("reaper.py")
+_reaper: subprocess.Popen | None = None  # this test process's watchdog, started with its first server
+
+
+def reaper_says(line: str) -> None:
+    """Tell the watchdog that a process group started ("+PGID") or was stopped ("-PGID")."""
+    global _reaper
+    if _reaper is None or _reaper.poll() is not None:
+        # Its own session: a Ctrl-C or a signal to the tests' process group does not reach it.
+        _reaper = subprocess.Popen([sys.executable, str(REAPER)], stdin=subprocess.PIPE, start_new_session=True)
+    _reaper.stdin.write(f"{line}\n".encode())
+    _reaper.stdin.flush()
 
 
 def free_port() -> int:
@@ -66,6 +80,7 @@ class Processes:
         self.logs.mkdir(parents=True, exist_ok=True)
         with (self.logs / f"{name}.log").open("w") as out:
             proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        reaper_says(f"+{proc.pid}")
         self.procs.append((name, proc))
         return proc
 
@@ -81,17 +96,14 @@ class Processes:
 
     def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired, ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
                 proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                return
         # the group may still hold children (flow-run processes, server workers) after the leader exits
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        reaper_says(f"-{proc.pid}")
         self.procs = [(n, p) for n, p in self.procs if p is not proc]
 
     def stop_all(self) -> None:
