@@ -25,6 +25,8 @@ from pathlib import Path
 
 import requests
 
+from tests.reaper import GRACE_S
+
 SERVER_DEADLINE = float(os.environ.get("NMT_TEST_SERVER_DEADLINE", "300"))
 REAPER = Path(__file__).with_name("reaper.py")
 _reaper: subprocess.Popen | None = None  # this test process's watchdog, started with its first server
@@ -94,7 +96,7 @@ class Processes:
     def wait_ready(self, name: str, proc: subprocess.Popen, url: str) -> None:
         wait_http(url, proc, self.log_path(name))
 
-    def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
+    def stop(self, proc: subprocess.Popen, grace: float = GRACE_S) -> None:
         if proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired, ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
